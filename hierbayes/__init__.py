@@ -1,0 +1,25 @@
+"""hierbayes: gradient-based meta-learning as empirical Bayes in Pyro.
+
+MAML's inner loop is a truncated-gradient point estimate of each task's parameters in a
+hierarchical model (Grant et al. 2018); hierbayes makes that model a Pyro program, the inner
+loop a Pyro guide, and adds Laplace evidence corrections and Gaussian task posteriors.
+"""
+
+from hierbayes import inference, models, tasks
+from hierbayes.errors import HierbayesError, ModelContractError, TaskDataError
+from hierbayes.tasks import SinusoidTasks, TaskBatch, TaskCollection
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HierbayesError",
+    "ModelContractError",
+    "SinusoidTasks",
+    "TaskBatch",
+    "TaskCollection",
+    "TaskDataError",
+    "__version__",
+    "inference",
+    "models",
+    "tasks",
+]

@@ -1,0 +1,85 @@
+r"""Per-task evaluation on held-out query sets, and summaries with 95% intervals.
+
+The interval of a mean over :math:`T` tasks is :math:`\bar m \pm 1.96\, s/\sqrt T`, the
+convention of the few-shot literature (Finn et al. 2017).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hierbayes.inference.posterior import TaskPosterior
+from hierbayes.inference.predictive import CategoricalPrediction
+from hierbayes.tasks.batch import TaskBatch
+
+__all__ = ["TaskMetrics", "evaluate_posterior", "mean_ci95"]
+
+
+def mean_ci95(values: Tensor) -> dict[str, float]:
+    r"""``{"mean", "ci95", "sd", "n"}`` of per-task values: ``ci95`` is the half-width
+    :math:`1.96\,s/\sqrt n`."""
+    v = values.detach().double().flatten()
+    n = v.numel()
+    sd = float(v.std(unbiased=True)) if n > 1 else float("nan")
+    return {"mean": float(v.mean()), "ci95": 1.96 * sd / math.sqrt(n) if n > 1 else float("nan"), "sd": sd, "n": n}
+
+
+@dataclass
+class TaskMetrics:
+    """Query-set metrics, one value per task.
+
+    ``nll`` is the mean negative log predictive density per query point; ``coverage[level]``
+    the fraction of query points inside the central ``level`` predictive interval; ``mse`` the
+    mean squared error of the predictive mean (regression) and ``accuracy`` the fraction of
+    correct labels (classification).
+    """
+
+    nll: Tensor
+    mse: Tensor | None = None
+    accuracy: Tensor | None = None
+    coverage: dict[float, Tensor] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data summary: each metric's mean and 95% interval half-width over tasks."""
+        out: dict[str, Any] = {"nll": mean_ci95(self.nll)}
+        if self.mse is not None:
+            out["mse"] = mean_ci95(self.mse)
+        if self.accuracy is not None:
+            out["accuracy"] = mean_ci95(self.accuracy)
+        if self.coverage:
+            out["coverage"] = {f"{lvl:g}": mean_ci95(c)["mean"] for lvl, c in self.coverage.items()}
+        return out
+
+
+def evaluate_posterior(
+    posterior: TaskPosterior,
+    batch: TaskBatch,
+    *,
+    levels: tuple[float, ...] = (0.5, 0.9),
+    **predict_options: Any,
+) -> TaskMetrics:
+    """Score ``posterior``'s predictions on ``batch``'s query sets."""
+    xq, yq, mask = batch.require_query("evaluation")
+    prediction = posterior.predict(xq, **predict_options)
+    with torch.no_grad():
+        weights = torch.ones(yq.shape[:2], dtype=xq.dtype if xq.is_floating_point() else torch.get_default_dtype(), device=yq.device)
+        if mask is not None:
+            weights = mask.to(weights.dtype)
+        counts = weights.sum(1)
+
+        def per_task(values: Tensor) -> Tensor:
+            return (values * weights).sum(1) / counts
+
+        nll = per_task(-prediction.log_prob(yq))
+        if isinstance(prediction, CategoricalPrediction):
+            correct = (prediction.probs.argmax(-1) == yq).to(weights.dtype)
+            return TaskMetrics(nll=nll, accuracy=per_task(correct))
+        err = (prediction.mean - yq).square()
+        mse = per_task(err.reshape(*err.shape[:2], -1).mean(-1))
+        coverage = {lvl: per_task(prediction.covers(yq, lvl).to(weights.dtype)) for lvl in levels}
+        return TaskMetrics(nll=nll, mse=mse, coverage=coverage)

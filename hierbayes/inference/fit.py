@@ -1,0 +1,326 @@
+r"""``fit(model, tasks)``: meta-train a hierbayes model and return a plain result object.
+
+Meta-training is stochastic optimisation of a meta-objective (MAML's query likelihood, or a
+Laplace objective) over batches of tasks, with the truncated-gradient guide as the amortised
+task posterior. The optimiser works on the guide's and the model's own parameters; each guide
+has a name of its own, so its mirror in Pyro's parameter store is never shared with another.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hierbayes.errors import HierbayesError, TaskDataError
+from hierbayes.inference.evaluation import TaskMetrics, evaluate_posterior
+from hierbayes.inference.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
+from hierbayes.inference.objectives import MAMLObjective, MetaObjective, run_guide
+from hierbayes.inference.posterior import PointMassPosterior, TaskPosterior
+from hierbayes.inference.predictive import Prediction
+from hierbayes.tasks.batch import TaskBatch
+from hierbayes.tasks.source import TaskSource
+
+__all__ = ["FitResult", "MetaTrainingDiverged", "Method", "fit", "methods", "register_method"]
+
+
+PosteriorFactory = Callable[[TruncatedGradientGuide, Mapping[str, Tensor], Tensor, TaskBatch, MetaObjective], TaskPosterior]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A meta-learning method: how to build its objective and its task posterior."""
+
+    name: str
+    objective: Callable[..., MetaObjective]
+    posterior: PosteriorFactory
+    description: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> None:
+    """Make ``method`` available as ``fit(..., method=method.name)``."""
+    _METHODS[method.name] = method
+
+
+def methods() -> dict[str, Method]:
+    """The registered methods by name."""
+    return dict(_METHODS)
+
+
+def _point_mass(
+    guide: TruncatedGradientGuide,
+    params: Mapping[str, Tensor],
+    phi: Tensor,
+    batch: TaskBatch,
+    objective: MetaObjective,
+) -> TaskPosterior:
+    return PointMassPosterior(guide.density, params, phi)
+
+
+register_method(
+    Method(
+        "maml",
+        MAMLObjective,
+        _point_mass,
+        "MAML (Finn et al. 2017): query NLL at the truncated-gradient point estimate",
+    )
+)
+
+
+class MetaTrainingDiverged(HierbayesError, FloatingPointError):
+    """The meta-objective became NaN or infinite; ``result`` holds the last finite state."""
+
+    def __init__(self, message: str, result: FitResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class _BatchSource:
+    """A fixed :class:`TaskBatch` as a task source (random subsets of its tasks)."""
+
+    def __init__(self, batch: TaskBatch) -> None:
+        self.batch = batch
+
+    @property
+    def num_tasks(self) -> int:
+        return self.batch.num_tasks
+
+    def sample(
+        self, num_tasks: int, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+    ) -> TaskBatch:
+        index = torch.randperm(self.batch.num_tasks, generator=generator)[:num_tasks]
+        out = self.batch.select(index.to(self.batch.device))
+        return out.to(dtype=dtype) if dtype is not None else out
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained model and guide, the loss history, and methods to
+    adapt to new tasks and predict.
+
+    Attributes
+    ----------
+    model, guide, objective:
+        The model, its trained :class:`~hierbayes.inference.TruncatedGradientGuide`, and the
+        meta-objective.
+    method:
+        The method's name (``"maml"``, ``"llama"``, ...).
+    history:
+        The meta-objective at each meta-step.
+    config:
+        The settings of the run (steps, batch size, seed, device, ...).
+    """
+
+    model: Any
+    guide: TruncatedGradientGuide
+    objective: MetaObjective
+    method: str
+    history: list[float] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """Point estimates of the global latents (``theta``, ``noise_scale``, ...)."""
+        return {k: v.detach() for k, v in self.guide.global_values().items()}
+
+    @property
+    def theta(self) -> Tensor:
+        r""":math:`\hat\theta`, the meta-learned initialisation / prior mean."""
+        params = self.params
+        if "theta" in params:
+            return params["theta"]
+        theta = getattr(self.model, "theta", None)
+        if isinstance(theta, Tensor):
+            return theta.detach()
+        raise KeyError("the model has no global site or parameter named 'theta'")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.config.get("device", "cpu"))
+
+    def adapt(
+        self,
+        support_x: TaskBatch | Tensor,
+        support_y: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> TaskPosterior:
+        r"""The task posterior of each new task given its support set.
+
+        Pass a :class:`~hierbayes.tasks.TaskBatch` (its support set is used) or
+        ``support_x`` ``(T, N, ...)``, ``support_y`` and an optional mask.
+        """
+        if isinstance(support_x, TaskBatch):
+            batch = support_x
+        else:
+            if support_y is None:
+                raise TaskDataError("adapt needs support_y, the targets of the support set")
+            batch = TaskBatch(support_x, support_y, support_mask=mask)
+        batch = batch.to(self.device, dtype=self.config.get("dtype"))
+        with torch.no_grad():
+            values = run_guide(self.guide, self.guide.structure, batch)
+        return _METHODS[self.method].posterior(self.guide, values.params, values.phi, batch, self.objective)
+
+    def predict(self, batch: TaskBatch, x: Tensor | None = None, **kwargs: Any) -> Prediction:
+        """Adapt to ``batch``'s support sets and predict at ``x`` (default: its query inputs)."""
+        posterior = self.adapt(batch)
+        if x is None:
+            x, _, _ = batch.require_query("predict without x")
+        return posterior.predict(x.to(self.device), **kwargs)
+
+    def evaluate(self, batch: TaskBatch, levels: tuple[float, ...] = (0.5, 0.9), **kwargs: Any) -> TaskMetrics:
+        """Per-task query metrics (MSE, NLL per point, interval coverage) after adaptation."""
+        return evaluate_posterior(self.adapt(batch), batch.to(self.device), levels=levels, **kwargs)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was requested but torch.cuda.is_available() is False")
+    return dev
+
+
+def fit(
+    model: Any,
+    tasks: TaskSource | TaskBatch,
+    *,
+    method: str = "maml",
+    meta_steps: int = 1000,
+    meta_batch_size: int = 25,
+    inner_steps: int = 1,
+    step_size: float = 0.01,
+    learn_step_size: StepSizeMode = "fixed",
+    first_order: bool = False,
+    inner_objective: InnerObjective = "likelihood",
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    guide: TruncatedGradientGuide | None = None,
+    objective: MetaObjective | None = None,
+    callback: Callable[[int, float, FitResult], None] | None = None,
+    **method_options: Any,
+) -> FitResult:
+    r"""Meta-train ``model`` on ``tasks`` and return a :class:`FitResult`.
+
+    Parameters
+    ----------
+    model:
+        A hierbayes model (a Pyro program following :mod:`hierbayes.models.contract`).
+    tasks:
+        A task source (:class:`~hierbayes.tasks.SinusoidTasks`,
+        :class:`~hierbayes.tasks.TaskCollection`, :class:`~hierbayes.tasks.EpisodicSampler`,
+        anything with ``sample(num_tasks, generator=...)``) or one :class:`TaskBatch`.
+    method:
+        A registered method: ``"maml"`` (default) or, see :func:`methods`, ``"llama"``.
+    meta_steps, meta_batch_size, lr:
+        Adam steps, tasks per step, and Adam's learning rate.
+    inner_steps, step_size, learn_step_size, first_order, inner_objective:
+        The guide's options (:class:`~hierbayes.inference.TruncatedGradientGuide`).
+    seed:
+        Seeds both torch and the task sampler; a run is reproducible on one device.
+    device, dtype:
+        Where and in which floating-point type to train (``"cpu"`` or ``"cuda"``).
+    guide, objective:
+        Pre-built guide or objective, instead of the ones the method builds.
+    callback:
+        Called as ``callback(step, loss, result)`` after every meta-step.
+    **method_options:
+        Passed to the method's objective (e.g. ``curvature="ggn"`` for ``"llama"``).
+
+    Raises
+    ------
+    MetaTrainingDiverged
+        If the objective becomes NaN or infinite; its ``result`` holds the last finite state.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; registered methods: {sorted(_METHODS)}")
+    if meta_steps < 0 or meta_batch_size < 1:
+        raise ValueError(f"need meta_steps >= 0 and meta_batch_size >= 1; got {meta_steps}, {meta_batch_size}")
+    dev = _resolve_device(device)
+    source: Any = _BatchSource(tasks) if isinstance(tasks, TaskBatch) else tasks
+    if not callable(getattr(source, "sample", None)):
+        raise TypeError(
+            f"tasks must be a TaskBatch or a task source with sample(num_tasks, generator=...); "
+            f"got {type(tasks).__name__}"
+        )
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(model, torch.nn.Module):
+        model.to(device=dev, dtype=dtype)
+    first = source.sample(meta_batch_size, generator=generator, dtype=dtype)
+    first = TaskBatch(
+        first.support_x, first.support_y, first.query_x, first.query_y, first.support_mask,
+        first.query_mask, first.task_ids, first.info,
+    ).to(dev)  # re-validated
+    first.require_query("meta-training")
+    config = dict(
+        method=method, meta_steps=meta_steps, meta_batch_size=meta_batch_size,
+        inner_steps=inner_steps, step_size=step_size, learn_step_size=learn_step_size,
+        first_order=first_order, inner_objective=inner_objective, lr=lr, seed=seed,
+        device=str(dev), dtype=dtype, **method_options,
+    )
+    if guide is None:
+        guide = TruncatedGradientGuide(
+            model, first, inner_steps=inner_steps, step_size=step_size,
+            learn_step_size=learn_step_size, first_order=first_order,
+            inner_objective=inner_objective,
+        )
+    guide.to(dev)
+    if objective is None:
+        objective = _METHODS[method].objective(num_tasks=source.num_tasks, **method_options)
+    result = FitResult(model, guide, objective, method, [], config)
+    parameters = _trainable_parameters(model, guide)
+    optim = torch.optim.Adam(parameters, lr=lr)
+    start = time.perf_counter()
+    batch = first
+    bar = tqdm(range(meta_steps), disable=not progress, desc=f"meta-training ({method})", mininterval=1.0)
+    for step in bar:
+        if step > 0:
+            batch = source.sample(meta_batch_size, generator=generator, dtype=dtype).to(dev)
+        optim.zero_grad(set_to_none=True)
+        loss = objective.differentiable_loss(model, guide, batch)
+        value = float(loss.detach())
+        if not torch.isfinite(loss.detach()):
+            result.wall_time = time.perf_counter() - start
+            raise MetaTrainingDiverged(
+                f"meta-step {step}: the {method} objective is {value}. The parameters are those "
+                f"after step {step - 1} (in the exception's .result). Try a smaller step_size "
+                f"(now {step_size}) or lr (now {lr}), fewer inner_steps, or float64.",
+                result,
+            )
+        loss.backward()
+        optim.step()
+        result.history.append(value)
+        if progress and step % 50 == 0:
+            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+        if callback is not None:
+            callback(step, value, result)
+    result.wall_time = time.perf_counter() - start
+    return result
+
+
+def _trainable_parameters(model: Any, guide: TruncatedGradientGuide) -> list[Tensor]:
+    """The guide's parameters, the model's own, and ``pyro.param`` sites of a function model."""
+    seen: dict[int, Tensor] = {}
+    for p in guide.parameters():
+        seen[id(p)] = p
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            seen[id(p)] = p
+    store = pyro.get_param_store()
+    for name in guide.structure.param_sites:
+        if name in store:
+            p = store.get_param(name).unconstrained()
+            seen[id(p)] = p
+    return [p for p in seen.values() if p.requires_grad]

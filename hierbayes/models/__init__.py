@@ -1,0 +1,36 @@
+"""Hierarchical task models: Pyro programs with a global theta and a per-task phi."""
+
+from hierbayes.models.contract import (
+    GlobalSite,
+    ModelStructure,
+    PyroTaskDensity,
+    TaskDensity,
+    model_structure,
+    task_density,
+)
+from hierbayes.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
+from hierbayes.models.linear import BayesianLinearRegression
+from hierbayes.models.network import BatchedNetwork, LayerRecord, ParameterLayout
+from hierbayes.models.neural import NeuralRegression, sinusoid_network
+from hierbayes.models.task_model import TaskModel, TaskModelDensity, from_module
+
+__all__ = [
+    "BatchedNetwork",
+    "BayesianLinearRegression",
+    "CategoricalLikelihood",
+    "GaussianLikelihood",
+    "GlobalSite",
+    "LayerRecord",
+    "Likelihood",
+    "ModelStructure",
+    "NeuralRegression",
+    "ParameterLayout",
+    "PyroTaskDensity",
+    "TaskDensity",
+    "TaskModel",
+    "TaskModelDensity",
+    "from_module",
+    "model_structure",
+    "sinusoid_network",
+    "task_density",
+]

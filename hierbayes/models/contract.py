@@ -1,0 +1,373 @@
+r"""The hierbayes model contract, read off a Pyro program, and its per-task log densities.
+
+A hierbayes model is a plain Pyro program ``model(x, y=None)`` over a batch of ``T`` tasks
+(Grant et al. 2018, eq. 2):
+
+.. math::
+
+    p(\theta, \phi_{1:T}, y_{1:T} \mid x_{1:T})
+      = p(\theta) \prod_{j=1}^{T} p(\phi_j \mid \theta)\, p(y_j \mid \phi_j, x_j)
+
+* **global latents** (:math:`\theta`, a noise scale, ...) are sample sites outside the tasks
+  plate; the guide point-estimates them (type-II MAP). ``pyro.param`` sites are accepted too.
+* **one per-task latent** :math:`\phi_j` is a sample site inside ``pyro.plate("tasks", T)``
+  with a real-valued (unconstrained) support; any event shape, flattened to ``D`` numbers.
+* **observations** are observed sites inside the tasks plate, usually in a nested data plate
+  (needed for masks of tasks with unequal sizes).
+
+:func:`model_structure` traces the program once and checks all of this, with errors that
+explain the contract. :class:`TaskDensity` is the protocol the inference code evaluates:
+per-task log likelihoods and log priors as pure functions of the global point estimates and
+of :math:`\phi \in \mathbb{R}^{T\times D}`. :class:`PyroTaskDensity` implements it for any
+program by re-running it under ``poutine.condition``; built-in models
+(:class:`hierbayes.models.TaskModel`) implement it natively, and the tests check the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from hierbayes.errors import ModelContractError
+
+__all__ = [
+    "GlobalSite",
+    "ModelStructure",
+    "PyroTaskDensity",
+    "TaskDensity",
+    "model_structure",
+    "task_density",
+]
+
+TASKS_PLATE = "tasks"
+
+_CONTRACT = (
+    "A hierbayes model is a Pyro program model(x, y=None) over a batch of tasks (x: (tasks, "
+    "points, ...)): global latents such as theta as sample sites outside every plate, exactly "
+    "one per-task latent phi as a sample site inside pyro.plate('tasks', T), and the "
+    "observations as observed sites inside that plate (in a nested data plate). See "
+    "hierbayes.models.TaskModel for a worked example."
+)
+
+
+@dataclass(frozen=True)
+class GlobalSite:
+    """A latent sample site outside the tasks plate, point-estimated by the guide."""
+
+    name: str
+    shape: torch.Size
+    event_dim: int
+    support: constraints.Constraint
+    prior_mean: Tensor
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    r"""What :func:`model_structure` found in a model's trace.
+
+    ``task_value_shape`` is the per-task site's value shape in the prototype trace, with
+    ``num_tasks`` at batch dimension ``tasks_dim`` (negative, counted from the right of the
+    batch shape); :meth:`to_site` and :meth:`from_site` convert between that shape and the flat
+    ``(T, D)`` matrix the inner loop works with.
+    """
+
+    global_sites: tuple[GlobalSite, ...]
+    param_sites: tuple[str, ...]
+    task_site: str
+    task_event_shape: torch.Size
+    task_batch_ndim: int
+    tasks_dim: int
+    observed_sites: tuple[str, ...]
+    data_dims: Mapping[str, int | None]
+
+    @property
+    def num_params(self) -> int:
+        """:math:`D`, the number of per-task parameters."""
+        return math.prod(self.task_event_shape)
+
+    def to_site(self, phi: Tensor) -> Tensor:
+        """``(T, D)`` to the per-task site's value shape (e.g. ``(T, 1, D)``)."""
+        T = phi.shape[0]
+        batch = [1] * self.task_batch_ndim
+        batch[self.tasks_dim] = T
+        return phi.reshape(*batch, *self.task_event_shape)
+
+    def from_site(self, value: Tensor) -> Tensor:
+        """The per-task site's value to ``(T, D)``."""
+        event_ndim = len(self.task_event_shape)
+        batch_shape = value.shape[: value.dim() - event_ndim]
+        T = batch_shape[self.tasks_dim]
+        return value.reshape(T, self.num_params)
+
+
+def _plate_frame(site: Mapping[str, Any], name: str) -> Any:
+    for frame in site["cond_indep_stack"]:
+        if frame.name == name:
+            return frame
+    return None
+
+
+def _prior_mean(site: Mapping[str, Any]) -> Tensor:
+    """The prior mean of a global site, or its prototype draw where the mean is not finite."""
+    value: Tensor = site["value"].detach()
+    try:
+        mean = site["fn"].mean.detach().expand(value.shape)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return value
+    return mean.clone() if bool(torch.isfinite(mean).all()) else value
+
+
+def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> ModelStructure:
+    """Trace ``model(x, y)`` once and check it against the hierbayes model contract."""
+    try:
+        with poutine.block():
+            trace = poutine.trace(model).get_trace(x, y)
+    except ModelContractError:
+        raise
+    except Exception as err:
+        raise ModelContractError(
+            f"running the model on a batch with x of shape {tuple(x.shape)} failed: "
+            f"{type(err).__name__}: {err}. {_CONTRACT}"
+        ) from err
+    T = x.shape[0]
+    globals_: list[GlobalSite] = []
+    params: list[str] = []
+    task_sites: list[str] = []
+    observed: list[str] = []
+    for name, site in trace.nodes.items():
+        if site["type"] == "param":
+            params.append(name)
+            continue
+        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
+            continue
+        frame = _plate_frame(site, TASKS_PLATE)
+        if site["is_observed"]:
+            if frame is None:
+                raise ModelContractError(
+                    f"observed site {name!r} is outside pyro.plate('tasks'): every observation "
+                    f"belongs to a task. {_CONTRACT}"
+                )
+            observed.append(name)
+        elif frame is None:
+            fn = site["fn"]
+            globals_.append(
+                GlobalSite(name, site["value"].shape, fn.event_dim, fn.support, _prior_mean(site))
+            )
+        else:
+            task_sites.append(name)
+    has_tasks_plate = any(
+        _plate_frame(s, TASKS_PLATE) is not None
+        for s in trace.nodes.values()
+        if s["type"] == "sample" and not site_is_subsample(s)
+    )
+    if not has_tasks_plate:
+        raise ModelContractError(f"the model has no pyro.plate('tasks', T). {_CONTRACT}")
+    if not task_sites:
+        raise ModelContractError(
+            f"the model has no per-task latent: no unobserved sample site inside "
+            f"pyro.plate('tasks'). {_CONTRACT}"
+        )
+    if len(task_sites) > 1:
+        raise ModelContractError(
+            f"the model has {len(task_sites)} per-task latents {task_sites}; hierbayes adapts "
+            "exactly one. Concatenate them into one vector site (torch.cat of the pieces, "
+            f"split again inside the model). {_CONTRACT}"
+        )
+    if not observed:
+        raise ModelContractError(
+            f"the model has no observed site inside pyro.plate('tasks') when given y: pass y "
+            f"as obs= of the likelihood's sample site. {_CONTRACT}"
+        )
+    task_site = trace.nodes[task_sites[0]]
+    fn = task_site["fn"]
+    if fn.support is not constraints.real and not (
+        isinstance(fn.support, constraints.independent) and fn.support.base_constraint is constraints.real
+    ) and fn.support is not constraints.real_vector:
+        raise ModelContractError(
+            f"the per-task latent {task_sites[0]!r} has support {fn.support}; gradient steps "
+            "need a real-valued latent. Sample an unconstrained vector and transform it inside "
+            "the model (e.g. exp of a log scale)."
+        )
+    frame = _plate_frame(task_site, TASKS_PLATE)
+    event_shape = fn.event_shape
+    batch_ndim = task_site["value"].dim() - len(event_shape)
+    batch_shape = task_site["value"].shape[:batch_ndim]
+    tasks_dim = frame.dim
+    if -tasks_dim > batch_ndim or batch_shape[tasks_dim] != T or math.prod(batch_shape) != T:
+        raise ModelContractError(
+            f"the per-task latent {task_sites[0]!r} has value shape "
+            f"{tuple(task_site['value'].shape)}; expected {T} tasks along the tasks plate's dim "
+            f"{tasks_dim} and no other batch dimensions (event shape {tuple(event_shape)})."
+        )
+    if frame.size != T:
+        raise ModelContractError(
+            f"pyro.plate('tasks') has size {frame.size} but x has {T} tasks in its first dimension"
+        )
+    data_dims: dict[str, int | None] = {}
+    for name in observed:
+        site = trace.nodes[name]
+        others = [f for f in site["cond_indep_stack"] if f.name != TASKS_PLATE and f.vectorized]
+        data_dims[name] = others[0].dim if len(others) == 1 else None
+    return ModelStructure(
+        global_sites=tuple(globals_),
+        param_sites=tuple(params),
+        task_site=task_sites[0],
+        task_event_shape=event_shape,
+        task_batch_ndim=batch_ndim,
+        tasks_dim=tasks_dim,
+        observed_sites=tuple(observed),
+        data_dims=data_dims,
+    )
+
+
+@runtime_checkable
+class TaskDensity(Protocol):
+    r"""Per-task log densities as pure functions of global values and :math:`\phi` ``(T, D)``.
+
+    ``params`` maps each global latent site's name to its (constrained) value. ``mask``, when
+    given, is ``(T, N)`` boolean, ``True`` for real points.
+    """
+
+    structure: ModelStructure
+
+    def log_likelihood(
+        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        r""":math:`\log p(y_j \mid \phi_j, x_j)`, shape ``(T,)``."""
+        ...
+
+    def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
+        r""":math:`\log p(\phi_j \mid \theta)`, shape ``(T,)``."""
+        ...
+
+    def prior_mean(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        r""":math:`\mathbb{E}[\phi_j \mid \theta]`, shape ``(T, D)``: where the inner loop starts."""
+        ...
+
+    def log_hyperprior(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        r""":math:`\log p(\theta, \ldots)` of the global latents, a scalar."""
+        ...
+
+    def predictive(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> dist.Distribution:
+        r""":math:`p(y \mid \phi_j, x)` with batch shape ``(T, N)``."""
+        ...
+
+
+def _per_task(
+    trace: Trace, structure: ModelStructure, num_tasks: int, mask: Tensor | None
+) -> Tensor:
+    """Sum each observed site's log-probabilities over everything but the tasks dimension."""
+    total: Tensor | None = None
+    for name in structure.observed_sites:
+        site = trace.nodes[name]
+        fn = site["fn"]
+        lp = fn.log_prob(site["value"])
+        site_mask = site["mask"]
+        if isinstance(site_mask, bool):
+            if not site_mask:
+                lp = torch.zeros_like(lp)
+        elif site_mask is not None:
+            lp = torch.where(site_mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        if site["scale"] is not None and not (isinstance(site["scale"], float) and site["scale"] == 1.0):
+            lp = lp * site["scale"]
+        batch_ndim = lp.dim()
+        tasks_axis = batch_ndim + structure.tasks_dim
+        if mask is not None:
+            data_dim = structure.data_dims.get(name)
+            if data_dim is None:
+                raise ModelContractError(
+                    f"observed site {name!r} is not in a nested data plate, so tasks of unequal "
+                    "sizes cannot be masked: put the observations in pyro.plate('data', N) "
+                    "inside the tasks plate, or give every task the same number of points."
+                )
+            shape = [1] * batch_ndim
+            shape[tasks_axis] = num_tasks
+            shape[batch_ndim + data_dim] = mask.shape[1]
+            m = mask if tasks_axis < batch_ndim + data_dim else mask.T
+            lp = torch.where(m.reshape(shape), lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        lp = lp.expand(*lp.shape[:tasks_axis], num_tasks, *lp.shape[tasks_axis + 1 :])
+        per_task = lp.movedim(tasks_axis, 0).reshape(num_tasks, -1).sum(-1)
+        total = per_task if total is None else total + per_task
+    assert total is not None
+    return total
+
+
+class PyroTaskDensity:
+    """:class:`TaskDensity` of any Pyro program, by re-running it under ``poutine.condition``.
+
+    Correct for every program that follows the contract; it pays Pyro's tracing cost at each
+    evaluation. The observed sites are named explicitly (from the prototype trace), so the
+    conditioned per-task latent, which ``poutine.condition`` also marks as observed, never
+    enters the likelihood.
+    """
+
+    def __init__(self, model: Callable[..., Any], structure: ModelStructure) -> None:
+        self.model = model
+        self.structure = structure
+
+    def _trace(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor | None) -> Trace:
+        data = dict(params)
+        data[self.structure.task_site] = self.structure.to_site(phi)
+        return poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, y)
+
+    def log_likelihood(
+        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        return _per_task(self._trace(params, phi, x, y), self.structure, phi.shape[0], mask)
+
+    def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
+        site = self._trace(params, phi, x, None).nodes[self.structure.task_site]
+        return site["fn"].log_prob(site["value"]).reshape(phi.shape[0])
+
+    def prior_mean(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(x, None)
+        fn = trace.nodes[self.structure.task_site]["fn"]
+        T = x.shape[0]
+        mean = fn.mean.expand(fn.batch_shape + fn.event_shape)
+        return self.structure.from_site(mean.expand(*self._site_shape(T)))
+
+    def _site_shape(self, T: int) -> tuple[int, ...]:
+        batch = [1] * self.structure.task_batch_ndim
+        batch[self.structure.tasks_dim] = T
+        return (*batch, *self.structure.task_event_shape)
+
+    def log_hyperprior(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(x, None)
+        total = x.new_zeros(())
+        for site in self.structure.global_sites:
+            node = trace.nodes[site.name]
+            total = total + node["fn"].log_prob(node["value"]).sum()
+        return total
+
+    def predictive(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> dist.Distribution:
+        if len(self.structure.observed_sites) != 1:
+            raise ModelContractError(
+                f"predictions need one observed site; the model has {list(self.structure.observed_sites)}"
+            )
+        data = dict(params)
+        data[self.structure.task_site] = self.structure.to_site(phi)
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, None)
+        fn: dist.Distribution = trace.nodes[self.structure.observed_sites[0]]["fn"]
+        return fn
+
+
+def task_density(model: Callable[..., Any], structure: ModelStructure) -> TaskDensity:
+    """The model's native :class:`TaskDensity` if it has one, else :class:`PyroTaskDensity`."""
+    native = getattr(model, "task_density", None)
+    if callable(native):
+        density: TaskDensity = native(structure)
+        return density
+    return PyroTaskDensity(model, structure)

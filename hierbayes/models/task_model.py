@@ -1,0 +1,251 @@
+r"""Any ``torch.nn.Module`` as a hierbayes model: a Pyro program with a native fast path.
+
+The generative model (Grant et al. 2018, §2.2) for a batch of ``T`` tasks:
+
+.. math::
+
+    \theta &\sim \mathcal N(\theta_0, s_\theta^2 I)          &&\text{(global, type-II MAP)}\\
+    \phi_j \mid \theta &\sim \mathcal N(\theta, s^2 I)        &&\text{(per task, in plate "tasks")}\\
+    y_{jn} \mid \phi_j &\sim p(y \mid f(x_{jn}; \phi_j))      &&\text{(in plate "data")}
+
+where :math:`\phi_j \in \mathbb R^D` is the flat parameter vector of the network and
+:math:`\theta_0` the network's own initialisation. The likelihood may add global latents of its
+own (a Gaussian noise scale); the prior scale :math:`s` may be fixed or learned.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule, PyroParam
+from torch import Tensor, nn
+
+from hierbayes.models.contract import ModelStructure
+from hierbayes.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
+from hierbayes.models.network import BatchedNetwork, LayerRecord
+
+__all__ = ["TaskModel", "TaskModelDensity", "from_module"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# Each model gets a name of its own, so its pyro.param mirror is never shared with another's.
+_INSTANCES = itertools.count()
+
+
+class TaskModel(PyroModule):
+    r"""A hierarchical model over tasks whose per-task parameters are a network's weights.
+
+    Calling it is running a Pyro program ``model(x, y=None, mask=None)`` with sites
+    ``theta`` (or a ``pyro.param`` when ``hyperprior_scale is None``), the likelihood's own
+    globals (``noise_scale`` for a learned Gaussian noise), ``prior_scale`` when learned,
+    ``phi`` in ``pyro.plate("tasks", T, dim=-2)`` with value shape ``(T, 1, D)``, and ``y`` in
+    ``pyro.plate("data", N, dim=-1)``.
+
+    Parameters
+    ----------
+    network:
+        Maps ``(N, *input_shape)`` to ``(N, *output_shape)``; never modified.
+    likelihood:
+        The observation model, e.g. :class:`GaussianLikelihood` or
+        :class:`CategoricalLikelihood`.
+    prior_scale:
+        :math:`s` in :math:`\phi_j \sim \mathcal N(\theta, s^2 I)`, or its initial value when
+        ``learn_prior_scale``.
+    learn_prior_scale:
+        Make :math:`s` a global latent ``prior_scale`` with hyperprior
+        :math:`\log s \sim \mathcal N(\log s_0, 1)`.
+    hyperprior_scale:
+        :math:`s_\theta`; ``None`` makes :math:`\theta` a ``pyro.param`` (plain empirical Bayes).
+    theta_init:
+        :math:`\theta_0`, ``(D,)``; the network's own initialisation by default.
+
+    Examples
+    --------
+    >>> net = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1))
+    >>> model = TaskModel(net, GaussianLikelihood())
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        likelihood: Likelihood,
+        *,
+        prior_scale: float = 1.0,
+        learn_prior_scale: bool = False,
+        hyperprior_scale: float | None = 10.0,
+        theta_init: Tensor | None = None,
+    ) -> None:
+        super().__init__(name=f"{type(self).__name__}_{next(_INSTANCES)}")
+        if not prior_scale > 0:
+            raise ValueError(f"prior_scale must be positive; got {prior_scale}")
+        self.net = BatchedNetwork(network)
+        self.likelihood = likelihood
+        self.prior_scale_init = float(prior_scale)
+        self.learn_prior_scale = learn_prior_scale
+        self.hyperprior_scale = hyperprior_scale
+        init = self.net.initial_parameters() if theta_init is None else theta_init.detach().clone()
+        if init.shape != (self.net.num_params,):
+            raise ValueError(
+                f"theta_init must have shape ({self.net.num_params},); got {tuple(init.shape)}"
+            )
+        self.register_buffer("theta_init", init)
+        if hyperprior_scale is None:
+            self.theta = PyroParam(init.clone())
+
+    @property
+    def num_params(self) -> int:
+        """:math:`D`."""
+        return self.net.num_params
+
+    # -- the Pyro program ----------------------------------------------------------------------
+
+    def sample_globals(self) -> dict[str, Tensor]:
+        """Sample (or read) every global latent, returning ``{name: value}``."""
+        ref: Tensor = self.theta_init  # type: ignore[assignment]
+        values: dict[str, Tensor] = {}
+        if self.hyperprior_scale is not None:
+            values["theta"] = pyro.sample(
+                "theta", dist.Normal(ref, self.hyperprior_scale).to_event(1)
+            )
+        for name, prior in self.global_priors().items():
+            if name != "theta":
+                values[name] = pyro.sample(name, prior)
+        return values
+
+    def global_priors(self) -> dict[str, dist.Distribution]:
+        """Hyperpriors of the global latents, by site name."""
+        ref: Tensor = self.theta_init  # type: ignore[assignment]
+        priors: dict[str, dist.Distribution] = {}
+        if self.hyperprior_scale is not None:
+            priors["theta"] = dist.Normal(ref, self.hyperprior_scale).to_event(1)
+        for name, prior in self.likelihood.global_priors().items():
+            priors[name] = _to_like(prior, ref)
+        if self.learn_prior_scale:
+            priors["prior_scale"] = dist.LogNormal(
+                ref.new_tensor(math.log(self.prior_scale_init)), ref.new_tensor(1.0)
+            )
+        return priors
+
+    def forward(self, x: Tensor, y: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        params = self.sample_globals()
+        theta = self.theta_of(params)
+        scale = self.prior_scale_of(params)
+        T, N = x.shape[0], x.shape[1]
+        with pyro.plate("tasks", T, dim=-2):
+            phi = pyro.sample("phi", dist.Normal(theta, scale).to_event(1))
+            f = self.net(phi.reshape(T, self.num_params), x)
+            with pyro.plate("data", N, dim=-1), poutine.mask(mask=True if mask is None else mask):
+                pyro.sample("y", self.likelihood.distribution(f, params), obs=y)
+        return f
+
+    # -- pieces shared with the native density -------------------------------------------------
+
+    def theta_of(self, params: Mapping[str, Tensor]) -> Tensor:
+        r""":math:`\theta` from the global values (or the model's own ``pyro.param``)."""
+        if self.hyperprior_scale is None:
+            theta: Tensor = self.theta
+            return theta
+        return params["theta"]
+
+    def prior_scale_of(self, params: Mapping[str, Tensor]) -> Tensor | float:
+        """:math:`s`: learned or fixed."""
+        return params["prior_scale"] if self.learn_prior_scale else self.prior_scale_init
+
+    def initial_values(self) -> dict[str, Tensor]:
+        """Where the guide starts each global latent: :math:`\\theta_0` and the likelihood's."""
+        ref: Tensor = self.theta_init  # type: ignore[assignment]
+        values = {k: v.to(ref) for k, v in self.likelihood.initial_values().items()}
+        if self.hyperprior_scale is not None:
+            values["theta"] = ref.clone()
+        if self.learn_prior_scale:
+            values["prior_scale"] = ref.new_tensor(self.prior_scale_init)
+        return values
+
+    def task_density(self, structure: ModelStructure) -> TaskModelDensity:
+        """The native :class:`~hierbayes.models.contract.TaskDensity` of this model."""
+        return TaskModelDensity(self, structure)
+
+
+def _to_like(prior: dist.Distribution, ref: Tensor) -> dist.Distribution:
+    """Move a scalar-parameter LogNormal/Normal hyperprior to ``ref``'s device and dtype."""
+    if isinstance(prior, (dist.LogNormal, dist.Normal)):
+        return type(prior)(prior.loc.to(ref), prior.scale.to(ref))
+    return prior
+
+
+class TaskModelDensity:
+    """Closed-form per-task log densities of a :class:`TaskModel` (no Pyro tracing)."""
+
+    def __init__(self, model: TaskModel, structure: ModelStructure) -> None:
+        self.model = model
+        self.structure = structure
+        self.likelihood = model.likelihood
+        self.network = model.net
+
+    def outputs(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
+        r""":math:`f(x_{jn}; \phi_j)`, ``(T, N, *output_shape)``."""
+        return self.network(phi, x)
+
+    def outputs_with_records(
+        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor
+    ) -> tuple[Tensor, list[LayerRecord]]:
+        return self.network.forward_with_records(phi, x)
+
+    def log_likelihood(
+        self,
+        params: Mapping[str, Tensor],
+        phi: Tensor,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        lp = self.likelihood.log_prob(self.network(phi, x), y, params)
+        if mask is not None:
+            lp = torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        return lp.sum(-1)
+
+    def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor | None = None) -> Tensor:
+        theta = self.model.theta_of(params)
+        scale = self.model.prior_scale_of(params)
+        log_scale = torch.log(scale) if isinstance(scale, Tensor) else math.log(scale)
+        z = (phi - theta) / scale
+        return (-0.5 * z.square() - log_scale - _HALF_LOG_2PI).sum(-1)
+
+    def prior_precision(self, params: Mapping[str, Tensor]) -> Tensor:
+        r"""The diagonal of :math:`-\nabla^2_\phi \log p(\phi\mid\theta)`: :math:`1/s^2`, ``(D,)``."""
+        scale = self.model.prior_scale_of(params)
+        ref = self.model.theta_of(params)
+        return (1.0 / (ref.new_ones(()) * scale) ** 2).expand(ref.shape[-1])
+
+    def prior_mean(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return self.model.theta_of(params).expand(x.shape[0], self.model.num_params)
+
+    def log_hyperprior(self, params: Mapping[str, Tensor], x: Tensor | None = None) -> Tensor:
+        total: Tensor | float = 0.0
+        for name, prior in self.model.global_priors().items():
+            total = total + prior.log_prob(params[name]).sum()
+        if isinstance(total, float):
+            return self.model.theta_init.new_tensor(total)  # type: ignore[operator]
+        return total
+
+    def predictive(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> dist.Distribution:
+        return self.likelihood.distribution(self.network(phi, x), params)
+
+
+def from_module(
+    module: nn.Module, likelihood: str | Likelihood = "gaussian", **kwargs: Any
+) -> TaskModel:
+    """A :class:`TaskModel` from any module: ``likelihood`` ``"gaussian"``, ``"categorical"``
+    or a :class:`Likelihood`; other keywords go to :class:`TaskModel`."""
+    if isinstance(likelihood, str):
+        known = {"gaussian": GaussianLikelihood, "categorical": CategoricalLikelihood}
+        if likelihood not in known:
+            raise ValueError(f"unknown likelihood {likelihood!r}; known: {sorted(known)}")
+        likelihood = known[likelihood]()
+    return TaskModel(module, likelihood, **kwargs)
