@@ -8,6 +8,7 @@ has a name of its own, so its mirror in Pyro's parameter store is never shared w
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -153,11 +154,15 @@ class FitResult:
         support_x: TaskBatch | Tensor,
         support_y: Tensor | None = None,
         mask: Tensor | None = None,
+        *,
+        inner_steps: int | None = None,
     ) -> TaskPosterior:
         r"""The task posterior of each new task given its support set.
 
         Pass a :class:`~hierbayes.tasks.TaskBatch` (its support set is used) or
-        ``support_x`` ``(T, N, ...)``, ``support_y`` and an optional mask.
+        ``support_x`` ``(T, N, ...)``, ``support_y`` and an optional mask. ``inner_steps``
+        overrides the number of inner steps for this call (``0``: no adaptation, the
+        posterior sits at the prior mean :math:`\hat\theta`).
         """
         if isinstance(support_x, TaskBatch):
             batch = support_x
@@ -166,9 +171,19 @@ class FitResult:
                 raise TaskDataError("adapt needs support_y, the targets of the support set")
             batch = TaskBatch(support_x, support_y, support_mask=mask)
         batch = batch.to(self.device, dtype=self.config.get("dtype"))
-        with torch.no_grad():
-            values = run_guide(self.guide, self.guide.structure, batch)
-        return _METHODS[self.method].posterior(self.guide, values.params, values.phi, batch, self.objective)
+        trained_steps = self.guide.inner_steps
+        if inner_steps is not None:
+            if inner_steps < 0:
+                raise ValueError(f"inner_steps must be >= 0; got {inner_steps}")
+            self.guide.inner_steps = inner_steps
+        try:
+            with torch.no_grad():
+                values = run_guide(self.guide, self.guide.structure, batch)
+            return _METHODS[self.method].posterior(
+                self.guide, values.params, values.phi, batch, self.objective
+            )
+        finally:
+            self.guide.inner_steps = trained_steps
 
     def predict(self, batch: TaskBatch, x: Tensor | None = None, **kwargs: Any) -> Prediction:
         """Adapt to ``batch``'s support sets and predict at ``x`` (default: its query inputs)."""
@@ -177,9 +192,17 @@ class FitResult:
             x, _, _ = batch.require_query("predict without x")
         return posterior.predict(x.to(self.device), **kwargs)
 
-    def evaluate(self, batch: TaskBatch, levels: tuple[float, ...] = (0.5, 0.9), **kwargs: Any) -> TaskMetrics:
+    def evaluate(
+        self,
+        batch: TaskBatch,
+        levels: tuple[float, ...] = (0.5, 0.9),
+        *,
+        inner_steps: int | None = None,
+        **kwargs: Any,
+    ) -> TaskMetrics:
         """Per-task query metrics (MSE, NLL per point, interval coverage) after adaptation."""
-        return evaluate_posterior(self.adapt(batch), batch.to(self.device), levels=levels, **kwargs)
+        posterior = self.adapt(batch, inner_steps=inner_steps)
+        return evaluate_posterior(posterior, batch.to(self.device), levels=levels, **kwargs)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -291,7 +314,7 @@ def fit(
         optim.zero_grad(set_to_none=True)
         loss = objective.differentiable_loss(model, guide, batch)
         value = float(loss.detach())
-        if not torch.isfinite(loss.detach()):
+        if not math.isfinite(value):
             result.wall_time = time.perf_counter() - start
             raise MetaTrainingDiverged(
                 f"meta-step {step}: the {method} objective is {value}. The parameters are those "
