@@ -37,6 +37,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from torch.distributions import transform_to
+from pyro.poutine.runtime import am_i_wrapped
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
@@ -139,6 +141,14 @@ class TruncatedGradientGuide(PyroModule):
             value = torch.as_tensor(value).to(site.prior_mean).expand(site.shape).clone()
             deep_setattr(self.locs, site.name, PyroParam(value, site.support, site.event_dim))
 
+        self._global_readers = []
+        for site in self.structure.global_sites:
+            *path, leaf = site.name.split(".")
+            owner = self.locs
+            for part in path:
+                owner = getattr(owner, part)
+            self._global_readers.append((site.name, owner, leaf, transform_to(site.support)))
+
         D = self.structure.num_params
         ref = x if torch.is_floating_point(x) else torch.zeros((), dtype=torch.get_default_dtype())
         init = torch.full((D,) if learn_step_size == "per_parameter" else (), float(step_size), dtype=ref.dtype, device=ref.device)
@@ -164,8 +174,18 @@ class TruncatedGradientGuide(PyroModule):
         return learned
 
     def global_values(self) -> dict[str, Tensor]:
-        """The current point estimates of the global latents, ``{site: value}``."""
-        return {site.name: _deep_getattr(self.locs, site.name) for site in self.structure.global_sites}
+        """The current point estimates of the global latents, ``{site: value}``.
+
+        Inside a Pyro handler each value is read through ``PyroModule`` (a ``pyro.param``
+        statement the handler sees); otherwise straight from the module's unconstrained
+        parameter, through the constraint's transform, which is cheaper and equal.
+        """
+        if am_i_wrapped():
+            return {site.name: _deep_getattr(self.locs, site.name) for site in self.structure.global_sites}
+        values = {}
+        for name, owner, leaf, transform in self._global_readers:
+            values[name] = transform(owner._parameters[leaf + "_unconstrained"])
+        return values
 
     # -- the inner loop --------------------------------------------------------------------------
 

@@ -139,6 +139,13 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
             f"running the model on a batch with x of shape {tuple(x.shape)} failed: "
             f"{type(err).__name__}: {err}. {_CONTRACT}"
         ) from err
+    has_tasks_plate = any(
+        _plate_frame(s, TASKS_PLATE) is not None
+        for s in trace.nodes.values()
+        if s["type"] == "sample" and not site_is_subsample(s)
+    )
+    if not has_tasks_plate:
+        raise ModelContractError(f"the model has no pyro.plate('tasks', T). {_CONTRACT}")
     T = x.shape[0]
     globals_: list[GlobalSite] = []
     params: list[str] = []
@@ -165,13 +172,6 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
             )
         else:
             task_sites.append(name)
-    has_tasks_plate = any(
-        _plate_frame(s, TASKS_PLATE) is not None
-        for s in trace.nodes.values()
-        if s["type"] == "sample" and not site_is_subsample(s)
-    )
-    if not has_tasks_plate:
-        raise ModelContractError(f"the model has no pyro.plate('tasks', T). {_CONTRACT}")
     if not task_sites:
         raise ModelContractError(
             f"the model has no per-task latent: no unobserved sample site inside "

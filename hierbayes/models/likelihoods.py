@@ -43,6 +43,15 @@ class Likelihood(ABC):
     def log_prob(self, f: Tensor, y: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         """Closed-form :math:`\\log p(y_n \\mid f_n)`, shape ``(T, N)``."""
 
+    def log_prob_sum(
+        self, f: Tensor, y: Tensor, params: Mapping[str, Tensor], mask: Tensor | None = None
+    ) -> Tensor:
+        r""":math:`\sum_n \log p(y_n \mid f_n)` per task, ``(T,)``, over unmasked points."""
+        lp = self.log_prob(f, y, params)
+        if mask is not None:
+            lp = torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        return lp.sum(-1)
+
     @abstractmethod
     def output_precision(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         r""":math:`\Lambda_n = -\nabla_f^2 \log p(y_n\mid f_n)`, shape ``(T, N, C, C)``.
@@ -94,6 +103,23 @@ class GaussianLikelihood(Likelihood):
         z = (y - f) / sigma
         per_value = -0.5 * z.square() - log_sigma - _HALF_LOG_2PI
         return per_value.reshape(*f.shape[:2], -1).sum(-1)
+
+    def log_prob_sum(
+        self, f: Tensor, y: Tensor, params: Mapping[str, Tensor], mask: Tensor | None = None
+    ) -> Tensor:
+        # The normalising constant is added once per task rather than once per value.
+        sigma = self.scale(params)
+        log_sigma = torch.log(sigma) if isinstance(sigma, Tensor) else math.log(sigma)
+        sq = ((y - f) / sigma).square()
+        if sq.dim() > 2:
+            sq = sq.reshape(*sq.shape[:2], -1).sum(-1)
+        values_per_point = math.prod(f.shape[2:])
+        if mask is None:
+            count: Tensor | int = f.shape[1] * values_per_point
+        else:
+            sq = torch.where(mask, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
+            count = mask.sum(-1) * values_per_point
+        return -0.5 * sq.sum(-1) - count * (log_sigma + _HALF_LOG_2PI)
 
     def output_precision(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         sigma = self.scale(params)

@@ -205,10 +205,7 @@ class TaskModelDensity:
         y: Tensor,
         mask: Tensor | None = None,
     ) -> Tensor:
-        lp = self.likelihood.log_prob(self.network(phi, x), y, params)
-        if mask is not None:
-            lp = torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
-        return lp.sum(-1)
+        return self.likelihood.log_prob_sum(self.network(phi, x), y, params, mask)
 
     def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor | None = None) -> Tensor:
         theta = self.model.theta_of(params)

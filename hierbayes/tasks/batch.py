@@ -86,6 +86,16 @@ class TaskBatch:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TaskBatch:
         """Move every tensor to ``device``; floating-point tensors also to ``dtype``."""
+        target = None if device is None else torch.device(device)
+        same_device = target is None or target == self.support_x.device or (
+            target.index is None and target.type == self.support_x.device.type
+        )
+        if same_device and (dtype is None or dtype == self.support_x.dtype or not torch.is_floating_point(self.support_x)):
+            if dtype is None or all(
+                t is None or not torch.is_floating_point(t) or t.dtype == dtype
+                for t in (self.support_y, self.query_x, self.query_y)
+            ):
+                return self
 
         def move(t: Tensor | None) -> Tensor | None:
             if t is None:
