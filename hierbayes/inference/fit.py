@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from hierbayes.errors import HierbayesError, TaskDataError
 from hierbayes.inference.evaluation import TaskMetrics, evaluate_posterior
 from hierbayes.inference.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
+from hierbayes.inference.llama import llama_objective, llama_posterior
 from hierbayes.inference.objectives import MAMLObjective, MetaObjective, run_guide
 from hierbayes.inference.posterior import PointMassPosterior, TaskPosterior
 from hierbayes.inference.predictive import Prediction
@@ -73,6 +74,17 @@ register_method(
         MAMLObjective,
         _point_mass,
         "MAML (Finn et al. 2017): query NLL at the truncated-gradient point estimate",
+    )
+)
+
+
+register_method(
+    Method(
+        "llama",
+        llama_objective,
+        llama_posterior,
+        "LLAMA (Grant et al. 2018) and successors: Laplace-corrected objectives, Gaussian task "
+        "posteriors; objective='predictive' (default), 'evidence' or 'paper'",
     )
 )
 
@@ -230,7 +242,7 @@ def fit(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     guide: TruncatedGradientGuide | None = None,
-    objective: MetaObjective | None = None,
+    objective: MetaObjective | str | None = None,
     callback: Callable[[int, float, FitResult], None] | None = None,
     **method_options: Any,
 ) -> FitResult:
@@ -255,7 +267,9 @@ def fit(
     device, dtype:
         Where and in which floating-point type to train (``"cpu"`` or ``"cuda"``).
     guide, objective:
-        Pre-built guide or objective, instead of the ones the method builds.
+        A pre-built guide or objective instead of the ones the method builds; ``objective``
+        may also name a variant of the method (``"predictive"``, ``"evidence"``, ``"paper"``
+        for ``"llama"``).
     callback:
         Called as ``callback(step, loss, result)`` after every meta-step.
     **method_options:
@@ -268,6 +282,9 @@ def fit(
     """
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; registered methods: {sorted(_METHODS)}")
+    if isinstance(objective, str):
+        method_options["objective"] = objective
+        objective = None
     if meta_steps < 0 or meta_batch_size < 1:
         raise ValueError(f"need meta_steps >= 0 and meta_batch_size >= 1; got {meta_steps}, {meta_batch_size}")
     dev = _resolve_device(device)

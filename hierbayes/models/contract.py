@@ -311,11 +311,15 @@ class PyroTaskDensity:
     enters the likelihood.
     """
 
-    def __init__(self, model: Callable[..., Any], structure: ModelStructure) -> None:
+    def __init__(
+        self, model: Callable[..., Any], structure: ModelStructure, example_x: Tensor | None = None
+    ) -> None:
         self.model = model
         self.structure = structure
+        self._example_x = example_x
 
     def _trace(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor | None) -> Trace:
+        self._example_x = x[:1]
         data = dict(params)
         data[self.structure.task_site] = self.structure.to_site(phi)
         return poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, y)
@@ -342,6 +346,23 @@ class PyroTaskDensity:
         batch[self.structure.tasks_dim] = T
         return (*batch, *self.structure.task_event_shape)
 
+    def prior_precision(self, params: Mapping[str, Tensor]) -> Tensor:
+        r"""Diagonal of :math:`-\nabla^2\log p(\phi\mid\theta)`, ``(D,)``, for a Normal prior."""
+        if self._example_x is None:
+            raise ModelContractError("prior_precision needs the density to have seen an input batch")
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(self._example_x, None)
+        fn = trace.nodes[self.structure.task_site]["fn"]
+        while isinstance(fn, dist.Independent):
+            fn = fn.base_dist
+        if not isinstance(fn, dist.Normal):
+            raise ModelContractError(
+                f"the per-task prior is {type(fn).__name__}, not Normal: its precision is not "
+                "diagonal-constant; pass damping=τ to use τI as the prior's curvature"
+            )
+        scale = fn.scale.expand(fn.batch_shape)
+        return (1.0 / scale.square()).reshape(-1, self.structure.num_params)[0]
+
     def log_hyperprior(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         with poutine.block():
             trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(x, None)
@@ -364,10 +385,12 @@ class PyroTaskDensity:
         return fn
 
 
-def task_density(model: Callable[..., Any], structure: ModelStructure) -> TaskDensity:
+def task_density(
+    model: Callable[..., Any], structure: ModelStructure, example_x: Tensor | None = None
+) -> TaskDensity:
     """The model's native :class:`TaskDensity` if it has one, else :class:`PyroTaskDensity`."""
     native = getattr(model, "task_density", None)
     if callable(native):
         density: TaskDensity = native(structure)
         return density
-    return PyroTaskDensity(model, structure)
+    return PyroTaskDensity(model, structure, None if example_x is None else example_x[:1])

@@ -59,6 +59,10 @@ class Likelihood(ABC):
         For these likelihoods it does not depend on :math:`y`, so it is also the Fisher.
         """
 
+    @abstractmethod
+    def output_factor(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        r"""A factor :math:`L_n` with :math:`\Lambda_n = L_n L_n^\top`, shape ``(T, N, C, K)``."""
+
 
 class GaussianLikelihood(Likelihood):
     r""":math:`y_n \sim \mathcal N(f_n, \sigma^2 I)`.
@@ -127,6 +131,12 @@ class GaussianLikelihood(Likelihood):
         eye = torch.eye(C, dtype=f.dtype, device=f.device)
         return (eye / sigma**2).expand(*f.shape[:2], C, C)
 
+    def output_factor(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        sigma = self.scale(params)
+        C = math.prod(f.shape[2:])
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        return (eye / sigma).expand(*f.shape[:2], C, C)
+
 
 class CategoricalLikelihood(Likelihood):
     r""":math:`y_n \sim \mathrm{Categorical}(\mathrm{softmax}(f_n))` with logits ``f`` ``(T, N, C)``."""
@@ -145,3 +155,10 @@ class CategoricalLikelihood(Likelihood):
     def output_precision(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         p = torch.softmax(f, dim=-1)
         return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+    def output_factor(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        r""":math:`L = (I - p\mathbf 1^\top)\operatorname{diag}(\sqrt p)`: then
+        :math:`LL^\top = \operatorname{diag}(p) - pp^\top` because :math:`\mathbf 1^\top p = 1`."""
+        p = torch.softmax(f, dim=-1)
+        root = p.sqrt()
+        return torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2)

@@ -1,0 +1,397 @@
+r"""Whitened output Jacobians :math:`\tilde J = L^\top \partial f / \partial\phi` and their Gram matrices.
+
+The generalised Gauss--Newton matrix of a task (Schraudolph 2002; Martens 2020) is
+
+.. math::
+
+    G = J^\top \Lambda J = \tilde J^\top \tilde J, \qquad \Lambda_n = L_n L_n^\top,
+
+with :math:`J` the Jacobian of the ``N x C`` network outputs with respect to :math:`\phi` and
+:math:`\Lambda_n` the Hessian of :math:`-\log p(y_n\mid f_n)` in :math:`f_n`
+(:math:`I/\sigma^2` for a Gaussian, :math:`\operatorname{diag}(p)-pp^\top` for a softmax).
+Few-shot tasks have few rows ``R = N·K`` and many columns ``D``, so everything downstream works
+with ``R x R`` Gram matrices :math:`\tilde J P^{-1} \tilde J^\top`.
+
+Two implementations:
+
+* :class:`LayerJacobian` reads each ``Linear``/``Conv2d`` layer's input :math:`a` and the
+  gradient :math:`g` of the outputs with respect to its pre-activation (``C`` backward passes
+  in all). A linear layer's rows are :math:`g_{n,k}\otimes a_n`, so its Gram matrix is
+  :math:`(a_n^\top a_m / p_W + 1/p_b)(g_{n,k}^\top g_{m,k'})` without forming the Jacobian;
+  convolutions form per-example weight gradients from unfolded patches.
+* :class:`DenseJacobian` gets every row by reverse-mode autograd (``is_grads_batched``), for
+  any network, batch norm included.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hierbayes.errors import ModelContractError
+from hierbayes.inference.curvature.base import CurvatureInputs
+from hierbayes.models.network import LayerRecord, ParameterLayout
+
+__all__ = ["DenseJacobian", "LayerJacobian", "OutputJacobian", "output_jacobian"]
+
+
+class OutputJacobian(ABC):
+    r"""A batch of whitened Jacobians :math:`\tilde J_j` of shape ``(R, D)``."""
+
+    num_tasks: int
+    num_rows: int
+    num_params: int
+
+    @abstractmethod
+    def dense(self) -> Tensor:
+        r""":math:`\tilde J` as a dense ``(T, R, D)`` tensor."""
+
+    @abstractmethod
+    def gram(self, inv_precision: Tensor, other: OutputJacobian | None = None) -> Tensor:
+        r""":math:`\tilde J P^{-1} \tilde J'^\top`, ``(T, R, R')`` (``other`` defaults to self).
+
+        ``inv_precision`` is the diagonal of :math:`P^{-1}`, ``(T, D)``.
+        """
+
+    @abstractmethod
+    def gram_diag(self, inv_precision: Tensor) -> Tensor:
+        r"""The diagonal of :math:`\tilde J P^{-1}\tilde J^\top`, ``(T, R)``."""
+
+    @abstractmethod
+    def column_square_sums(self) -> Tensor:
+        r""":math:`\sum_r \tilde J_{rd}^2`, the diagonal of the GGN, ``(T, D)``."""
+
+    def matvec(self, v: Tensor) -> Tensor:
+        r""":math:`\tilde J v` for ``v`` ``(T, D)`` or ``(T, D, K)``."""
+        J = self.dense()
+        return J @ v if v.dim() == 3 else (J @ v.unsqueeze(-1)).squeeze(-1)
+
+    def rmatvec(self, u: Tensor) -> Tensor:
+        r""":math:`\tilde J^\top u` for ``u`` ``(T, R)`` or ``(T, R, K)``."""
+        Jt = self.dense().transpose(1, 2)
+        return Jt @ u if u.dim() == 3 else (Jt @ u.unsqueeze(-1)).squeeze(-1)
+
+
+class DenseJacobian(OutputJacobian):
+    """An explicit ``(T, R, D)`` Jacobian."""
+
+    def __init__(self, J: Tensor) -> None:
+        self.J = J
+        self.num_tasks, self.num_rows, self.num_params = J.shape
+
+    def dense(self) -> Tensor:
+        return self.J
+
+    def gram(self, inv_precision: Tensor, other: OutputJacobian | None = None) -> Tensor:
+        right = self.J if other is None else other.dense()
+        return (self.J * inv_precision.unsqueeze(1)) @ right.transpose(1, 2)
+
+    def gram_diag(self, inv_precision: Tensor) -> Tensor:
+        return (self.J.square() * inv_precision.unsqueeze(1)).sum(-1)
+
+    def column_square_sums(self) -> Tensor:
+        return self.J.square().sum(1)
+
+
+class LayerJacobian(OutputJacobian):
+    r"""The Jacobian of a ``Linear``/``Conv2d`` stack, kept as layer inputs and output gradients.
+
+    ``gtilde[l]`` is ``(T, N, K, *out_shape)``: the whitened gradient of each output row with
+    respect to layer ``l``'s pre-activation. Parameters of no recorded layer (there are none in
+    networks made only of these layers and activations) have zero Jacobian columns.
+    """
+
+    def __init__(
+        self, records: list[LayerRecord], gtilde: list[Tensor], layout: ParameterLayout
+    ) -> None:
+        self.records = records
+        self.gtilde = gtilde
+        self.layout = layout
+        first = gtilde[0]
+        self.num_tasks = int(first.shape[0])
+        self.points, self.outputs_per_point = int(first.shape[1]), int(first.shape[2])
+        self.num_rows = self.points * self.outputs_per_point
+        self.num_params = layout.num_params
+        self._dense: Tensor | None = None
+        self._blocks: list[tuple[slice, slice | None, Tensor, Tensor | None]] | None = None
+
+    # -- per-layer pieces -----------------------------------------------------------------------
+
+    def _conv_blocks(self, rec: LayerRecord, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row weight and bias gradients of a convolution: ``(T, R, out*in*k*k)``, ``(T, R, out)``."""
+        conv = rec.module
+        T, N = rec.inputs.shape[:2]
+        patches = F.unfold(
+            rec.inputs.reshape(T * N, *rec.inputs.shape[2:]),
+            conv.kernel_size,
+            dilation=conv.dilation,
+            padding=conv.padding,
+            stride=conv.stride,  # type: ignore[arg-type]
+        ).reshape(T, N, -1, g.shape[-1] * g.shape[-2])
+        gk = g.reshape(T, N, g.shape[2], g.shape[3], -1)  # (T, N, K, out, positions)
+        w = torch.einsum("tnkop,tnip->tnkoi", gk, patches).reshape(T, self.num_rows, -1)
+        b = gk.sum(-1).reshape(T, self.num_rows, -1)
+        return w, b
+
+    def _linear_inputs(self, rec: LayerRecord) -> Tensor:
+        a = rec.inputs
+        if a.dim() != 3:
+            raise NotImplementedError(
+                "linear layers on inputs with extra dimensions have no Gram form"
+            )
+        return a
+
+    def blocks(self) -> list[tuple[slice, slice | None, Tensor, Tensor | None]]:
+        """Explicit ``(weight slice, bias slice, weight rows, bias rows)`` per layer."""
+        if self._blocks is None:
+            blocks = []
+            for rec, g in zip(self.records, self.gtilde, strict=True):
+                ws = self.layout.slice(rec.weight)
+                bs = self.layout.slice(rec.bias) if rec.bias is not None else None
+                if rec.kind == "linear":
+                    a = self._linear_inputs(rec)
+                    T = a.shape[0]
+                    w = (g.unsqueeze(-1) * a[:, :, None, None, :]).reshape(T, self.num_rows, -1)
+                    b = g.reshape(T, self.num_rows, -1)
+                else:
+                    w, b = self._conv_blocks(rec, g)
+                blocks.append((ws, bs, w, b if bs is not None else None))
+            self._blocks = blocks
+        return self._blocks
+
+    def dense(self) -> Tensor:
+        if self._dense is None:
+            T = self.num_tasks
+            ref = self.gtilde[0]
+            J = ref.new_zeros(T, self.num_rows, self.num_params)
+            pieces = []
+            for ws, bs, w, b in self.blocks():
+                pieces.append((ws, w))
+                if bs is not None and b is not None:
+                    pieces.append((bs, b))
+            # assemble without in-place writes, so autograd sees a plain concatenation
+            order = sorted(pieces, key=lambda p: p[0].start)
+            cols, cursor = [], 0
+            for sl, block in order:
+                if sl.start > cursor:
+                    cols.append(J[:, :, cursor : sl.start])
+                cols.append(block)
+                cursor = sl.stop
+            if cursor < self.num_params:
+                cols.append(J[:, :, cursor:])
+            self._dense = torch.cat(cols, dim=-1)
+        return self._dense
+
+    @staticmethod
+    def _layer_scalar(inv_precision: Tensor, sl: slice) -> Tensor | None:
+        """The layer's inverse precision as ``(T, 1, 1)`` if constant over ``sl``, else ``None``."""
+        block = inv_precision[:, sl]
+        first = block[:, :1]
+        if not torch.equal(block, first.expand_as(block)):
+            return None
+        return first.unsqueeze(-1)
+
+    def gram(self, inv_precision: Tensor, other: OutputJacobian | None = None) -> Tensor:
+        other_layers = self if other is None else other
+        if not isinstance(other_layers, LayerJacobian):
+            return DenseJacobian(self.dense()).gram(inv_precision, other)
+        total: Tensor | None = None
+        for rec, g, rec2, g2 in zip(
+            self.records, self.gtilde, other_layers.records, other_layers.gtilde, strict=True
+        ):
+            ws = self.layout.slice(rec.weight)
+            bs = self.layout.slice(rec.bias) if rec.bias is not None else None
+            cw = self._layer_scalar(inv_precision, ws)
+            cb = self._layer_scalar(inv_precision, bs) if bs is not None else None
+            if (
+                rec.kind != "linear"
+                or rec.inputs.dim() != 3
+                or cw is None
+                or (bs is not None and cb is None)
+            ):
+                return DenseJacobian(self.dense()).gram(
+                    inv_precision, DenseJacobian(other_layers.dense())
+                )
+            T = g.shape[0]
+            aa = rec.inputs @ rec2.inputs.transpose(1, 2)  # (T, N, N')
+            coef = aa * cw if cb is None else aa * cw + cb
+            k1, k2 = g.shape[2], g2.shape[2]
+            coef = coef.repeat_interleave(k1, dim=1).repeat_interleave(k2, dim=2)
+            gg = g.reshape(T, -1, g.shape[-1]) @ g2.reshape(T, -1, g2.shape[-1]).transpose(1, 2)
+            term = coef * gg
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def gram_diag(self, inv_precision: Tensor) -> Tensor:
+        total: Tensor | None = None
+        for rec, g in zip(self.records, self.gtilde, strict=True):
+            ws = self.layout.slice(rec.weight)
+            bs = self.layout.slice(rec.bias) if rec.bias is not None else None
+            cw = self._layer_scalar(inv_precision, ws)
+            cb = self._layer_scalar(inv_precision, bs) if bs is not None else None
+            if (
+                rec.kind != "linear"
+                or rec.inputs.dim() != 3
+                or cw is None
+                or (bs is not None and cb is None)
+            ):
+                return DenseJacobian(self.dense()).gram_diag(inv_precision)
+            T = g.shape[0]
+            aa = rec.inputs.square().sum(-1, keepdim=True)  # (T, N, 1)
+            coef = aa * cw[:, :, :1] if cb is None else aa * cw[:, :, :1] + cb[:, :, :1]
+            term = (coef * g.square().sum(-1)).reshape(T, -1)
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def column_square_sums(self) -> Tensor:
+        T = self.num_tasks
+        ref = self.gtilde[0]
+        out = ref.new_zeros(T, self.num_params)
+        pieces = []
+        for rec, g in zip(self.records, self.gtilde, strict=True):
+            ws = self.layout.slice(rec.weight)
+            bs = self.layout.slice(rec.bias) if rec.bias is not None else None
+            if rec.kind == "linear" and rec.inputs.dim() == 3:
+                g2 = g.square().sum(2)  # (T, N, out): sum over whitened outputs
+                w = (g2.transpose(1, 2) @ rec.inputs.square()).reshape(T, -1)
+                b = g2.sum(1)
+            else:
+                wr, br = self._conv_blocks(rec, g)
+                w, b = wr.square().sum(1), br.square().sum(1)
+            pieces.append((ws, w))
+            if bs is not None:
+                pieces.append((bs, b))
+        cols, cursor = [], 0
+        for sl, block in sorted(pieces, key=lambda p: p[0].start):
+            if sl.start > cursor:
+                cols.append(out[:, cursor : sl.start])
+            cols.append(block)
+            cursor = sl.stop
+        if cursor < self.num_params:
+            cols.append(out[:, cursor:])
+        return torch.cat(cols, dim=-1)
+
+
+def _output_factor(inputs: CurvatureInputs, f: Tensor) -> Tensor | None:
+    """``L`` with ``Λ = L Lᵀ`` per point, ``(T, N, C, K)``; ``None`` for the identity."""
+    likelihood = getattr(inputs.density, "likelihood", None)
+    if likelihood is None:
+        raise ModelContractError(
+            "GGN, diagonal and K-FAC curvature need the model's likelihood (a hierbayes "
+            "TaskModel, e.g. NeuralRegression); for another Pyro program use curvature='full'"
+        )
+    factor: Tensor | None = likelihood.output_factor(f, inputs.params)
+    return factor
+
+
+def output_jacobian(
+    inputs: CurvatureInputs,
+    *,
+    x: Tensor | None = None,
+    mask: Tensor | None = None,
+    whiten: bool = True,
+    method: str = "auto",
+) -> tuple[OutputJacobian, Tensor]:
+    r"""The (whitened) output Jacobian at ``inputs.phi`` and the outputs ``f`` ``(T, N, C)``.
+
+    Parameters
+    ----------
+    x, mask:
+        Inputs at which to differentiate (default: ``inputs.x``, ``inputs.mask``).
+    whiten:
+        Multiply each point's rows by :math:`L_n^\top` (:math:`\Lambda_n = L_nL_n^\top`); off
+        for the Jacobian of predictions.
+    method:
+        ``"layers"`` (records; needs a ``Linear``/``Conv2d`` stack without batch norm),
+        ``"autograd"`` (any network) or ``"auto"`` (layers when possible).
+    """
+    x = inputs.x if x is None else x
+    mask = inputs.mask if x is inputs.x and mask is None else mask
+    density = inputs.density
+    network = getattr(density, "network", None)
+    if network is None:
+        raise ModelContractError(
+            "this curvature needs the model's network (a hierbayes TaskModel); for another Pyro "
+            "program use curvature='full'"
+        )
+    phi = inputs.phi
+    cg = inputs.create_graph
+    has_bn = any(step.kind == "batchnorm" for step in (network._plan or []))
+    use_layers = method == "layers" or (method == "auto" and network.has_fast_path and not has_bn)
+    if method == "layers" and (not network.has_fast_path or has_bn):
+        raise NotImplementedError(
+            "layer-wise Jacobians need a Linear/Conv2d stack without batch norm (batch "
+            "statistics couple the points); use method='autograd'"
+        )
+    with torch.enable_grad():
+        if not phi.requires_grad:
+            phi = phi.detach().requires_grad_(True)
+        if use_layers:
+            f, records = network.forward_with_records(phi, x)
+        else:
+            f, records = network(phi, x), []
+        T, N = f.shape[:2]
+        f3 = f.reshape(T, N, -1)
+        C = f3.shape[-1]
+        factor = _output_factor(inputs, f3) if whiten else None
+        if use_layers:
+            outs = [r.outputs for r in records]
+            per_output = []
+            for c in range(C):
+                grads = torch.autograd.grad(
+                    f3[..., c].sum(), outs, create_graph=cg, retain_graph=True
+                )
+                per_output.append(grads)
+            gtilde = []
+            for layer in range(len(records)):
+                g = torch.stack([per_output[c][layer] for c in range(C)], dim=2)  # (T, N, C, *out)
+                if factor is not None:
+                    tail = g.shape[3:]
+                    g = torch.einsum("tnco,tnck->tnko", g.reshape(T, N, C, -1), factor).reshape(
+                        T, N, -1, *tail
+                    )
+                if mask is not None:
+                    g = g * mask.reshape(T, N, *([1] * (g.dim() - 2))).to(g.dtype)
+                if not cg:
+                    g = g.detach()
+                gtilde.append(g)
+            jac: OutputJacobian = LayerJacobian(
+                [_detach_record(r) if not cg else r for r in records], gtilde, network.layout
+            )
+        else:
+            R = N * C
+            eye = (
+                torch.eye(R, dtype=f3.dtype, device=f3.device)
+                .reshape(R, 1, N, C)
+                .expand(R, T, N, C)
+            )
+            (J,) = torch.autograd.grad(
+                f3, phi, grad_outputs=eye, is_grads_batched=True, create_graph=cg
+            )
+            J = J.permute(1, 0, 2).reshape(T, N, C, -1)  # (T, N, C, D)
+            if factor is not None:
+                J = torch.einsum("tncd,tnck->tnkd", J, factor)
+            if mask is not None:
+                J = J * mask.reshape(T, N, 1, 1).to(J.dtype)
+            jac = DenseJacobian(
+                J.reshape(T, -1, J.shape[-1]) if cg else J.reshape(T, -1, J.shape[-1]).detach()
+            )
+    return jac, (f3 if cg else f3.detach())
+
+
+def _detach_record(rec: LayerRecord) -> LayerRecord:
+    return LayerRecord(
+        rec.name,
+        rec.kind,
+        rec.weight,
+        rec.bias,
+        rec.inputs.detach(),
+        rec.outputs.detach(),
+        rec.module,
+    )
