@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _sinusoid_parser(sub)
+    from hierbayes.experiments import linear
+
+    linear.add_parser(sub)
     return parser
 
 
@@ -108,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _threads(args.threads)
-    handlers = {"demo": _run_demo, "sinusoid": _run_sinusoid}
+    from hierbayes.experiments import linear
+
+    handlers = {"demo": _run_demo, "sinusoid": _run_sinusoid, "linear": linear.run}
     handlers[args.command](args)
     return 0
 

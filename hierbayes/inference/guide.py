@@ -126,7 +126,7 @@ class TruncatedGradientGuide(PyroModule):
         x, y = (example.support_x, example.support_y) if isinstance(example, TaskBatch) else example
         self._model = (model,)  # a tuple, so the model is not registered as a submodule
         self.structure: ModelStructure = model_structure(model, x, y)
-        self.density: TaskDensity = task_density(model, self.structure)
+        self.density: TaskDensity = task_density(model, self.structure, x)
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.inner_objective: InnerObjective = inner_objective

@@ -33,7 +33,8 @@ the implied prior covariance is
 
 valid when :math:`0 \le \alpha\lambda_i < 1` for every :math:`i`. Equivalently the prior
 precision in the eigenbasis is :math:`\gamma_i = 1/q_i = \lambda_i(1-\alpha\lambda_i)^k /
-(1-(1-\alpha\lambda_i)^k)`, and :math:`Q = \alpha\sum_{i=1}^{k}(I - \alpha B X^\top X/\sigma^2)^{-i}B`
+(1-(1-\alpha\lambda_i)^k)`, and
+:math:`Q = \alpha\sum_{i=1}^{k}(I - \alpha B X^\top X/\sigma^2)^{-i}B`
 (a form without eigenvectors, used by the tests). Why: along eigenvector :math:`i`, gradient
 descent moves the iterate from :math:`\theta` toward the least-squares solution and leaves the
 fraction :math:`(1-\alpha\lambda_i)^k` of the way untravelled; the MAP under a prior of
@@ -117,7 +118,11 @@ Scalar = float | Tensor
 
 
 class InadmissibleStepSizeError(HierbayesError, ValueError):
-    r"""A step size with :math:`\alpha\lambda_{\max} \ge 1`: no implied Gaussian prior exists.
+    r"""A step size with :math:`\alpha\lambda_{\max} \ge 1`, outside the theorem's regime.
+
+    There the :math:`k`-step iterate is no longer MAP under the implied prior of Santos (1996);
+    for odd :math:`k`, :math:`\alpha\lambda = 1` or :math:`\alpha\lambda \ge 2` it is MAP
+    under no Gaussian prior centred at :math:`\theta` at all.
 
     Attributes
     ----------
@@ -169,7 +174,7 @@ def _check_design(X: Tensor) -> None:
 
 
 def _targets(y: Tensor, X: Tensor, name: str = "y") -> Tensor:
-    """``y`` as ``(..., N)``, from ``(..., N)`` or ``(..., N, 1)`` matching ``X`` ``(..., N, D)``."""
+    """``y`` as ``(..., N)``, from ``(..., N)`` or ``(..., N, 1)``; ``X`` is ``(..., N, D)``."""
     batch_n = X.shape[:-1]
     if y.shape == batch_n:
         return y
@@ -197,7 +202,8 @@ def _check_preconditioner(B: Tensor | None, D: int) -> None:
     if B.dim() == 1:
         if B.shape != (D,):
             raise ValueError(
-                f"a diagonal preconditioner must have shape ({D},) for D = {D}; got {tuple(B.shape)}"
+                f"a diagonal preconditioner must have shape ({D},) for D = {D}; "
+                f"got {tuple(B.shape)}"
             )
         if not bool(torch.all(B > 0)) or not bool(torch.isfinite(B).all()):
             raise ValueError(
@@ -220,7 +226,7 @@ def _check_preconditioner(B: Tensor | None, D: int) -> None:
 
 
 def _preconditioner_factor(B: Tensor | None) -> Tensor | None:
-    r"""A factor :math:`L` with :math:`B = LL^\top`: ``sqrt(B)`` (diagonal) or the Cholesky factor."""
+    r"""A factor :math:`L` with :math:`B = LL^\top`: ``sqrt(B)`` (diagonal) or Cholesky (full)."""
     if B is None:
         return None
     if B.dim() == 1:
@@ -283,7 +289,7 @@ def gradient_descent_iterate(
     steps: int,
     preconditioner: Tensor | None = None,
 ) -> Tensor:
-    r"""The iterate :math:`\phi_{(k)}` of :math:`k` preconditioned gradient-descent steps from :math:`\theta`.
+    r"""The iterate :math:`\phi_{(k)}` of :math:`k` (preconditioned) gradient steps from θ.
 
     .. math::
 
@@ -341,7 +347,7 @@ class AdaptationMap(NamedTuple):
     target_matrix: Tensor
 
     def __call__(self, theta: Tensor, y: Tensor) -> Tensor:
-        r""":math:`A\theta + Cy`, ``(..., D)``, for ``theta`` ``(..., D)`` and ``y`` ``(..., N)``."""
+        r""":math:`A\theta + Cy`, ``(..., D)``, for ``theta`` ``(..., D)``, ``y`` ``(..., N)``."""
         return (self.theta_matrix @ theta.unsqueeze(-1) + self.target_matrix @ y.unsqueeze(-1))[
             ..., 0
         ]
@@ -355,7 +361,7 @@ def gradient_descent_affine_map(
     steps: int,
     preconditioner: Tensor | None = None,
 ) -> AdaptationMap:
-    r"""The matrices :math:`(A, C)` with :math:`\phi_{(k)} = A\theta + Cy` (see :class:`AdaptationMap`).
+    r"""The matrices :math:`(A, C)` with :math:`\phi_{(k)} = A\theta + Cy` (:class:`AdaptationMap`).
 
     Computed by the recursion :math:`A_0 = I,\ C_0 = 0,\ A_i = MA_{i-1},\ C_i = MC_{i-1} +
     \alpha BX^\top/\sigma^2` with :math:`M = I - \alpha BX^\top X/\sigma^2`. ``X`` is
@@ -389,7 +395,7 @@ class _Spectrum(NamedTuple):
 
 
 def _spectrum(X: Tensor, noise_scale: Scalar, preconditioner: Tensor | None) -> _Spectrum:
-    r"""Eigendecomposition of :math:`L^\top X^\top X L/\sigma^2` with numerically-zero eigenvalues zeroed.
+    r"""Eigenpairs of :math:`L^\top X^\top X L/\sigma^2`, numerically-zero eigenvalues set to 0.
 
     An eigenvalue is treated as exactly zero when it is at most
     :math:`10\max(N, D)\,\varepsilon\,\lambda_{\max}` (:math:`\varepsilon` the machine epsilon
@@ -417,7 +423,7 @@ def _spectrum(X: Tensor, noise_scale: Scalar, preconditioner: Tensor | None) -> 
 def largest_admissible_step_size(
     X: Tensor, *, noise_scale: Scalar, preconditioner: Tensor | None = None
 ) -> Tensor:
-    r""":math:`1/\lambda_{\max}` per task, ``(...)``: every step size below it implies a Gaussian prior.
+    r""":math:`1/\lambda_{\max}` per task, ``(...)``: every smaller step size implies a prior.
 
     :math:`\lambda_{\max}` is the largest eigenvalue of :math:`L^\top X^\top X L/\sigma^2`
     (:math:`B = LL^\top`); it is ``inf`` for ``X = 0``. Gradient descent on the task's loss
@@ -441,12 +447,13 @@ def _check_admissible(lam: Tensor, step_size: Scalar, steps: int) -> None:
     raise InadmissibleStepSizeError(
         f"step_size α = {alpha:.6g} is too large for these inputs{where}: the largest "
         f"eigenvalue of B^(1/2) X^T X B^(1/2) / σ² is λ_max = {lam_max:.6g}, so "
-        f"αλ_max = {alpha * lam_max:.6g} ≥ 1. Along that eigenvector gradient descent then "
-        f"reaches or overshoots the least-squares solution instead of stopping short of it, "
-        f"so its {steps}-step iterate is no longer the MAP estimate under the implied Gaussian "
-        "prior N(θ, Q) of Santos (1996) (the factor (1 - αλ)^k of the way left to travel is "
-        "not in (0, 1]). Use step_size < 1/λ_max = "
-        f"{bound:.6g} (for every task).",
+        f"αλ_max = {alpha * lam_max:.6g} ≥ 1. Along that eigenvector gradient descent reaches "
+        f"or overshoots the least-squares solution, and its {steps}-step iterate no longer "
+        "corresponds to the Gaussian prior N(θ, Q) of Santos (1996), which needs αλ < 1: for "
+        "odd k, αλ = 1 or αλ ≥ 2 it is the MAP under no Gaussian prior centred at θ at all "
+        "(for even k and 1 < αλ < 2 it matches only the prior of the mirrored step "
+        "(2 - αλ)/λ, which is not reported). Use step_size < 1/λ_max = "
+        f"{bound:.6g}{' (over all tasks)' if task is not None else ''}.",
         step_size=alpha,
         largest_eigenvalue=lam_max,
         largest_admissible_step_size=bound,
@@ -455,7 +462,7 @@ def _check_admissible(lam: Tensor, step_size: Scalar, steps: int) -> None:
 
 
 def _implied_variances(lam: Tensor, step_size: Scalar, steps: int) -> Tensor:
-    r""":math:`q_i = ((1-\alpha\lambda_i)^{-k} - 1)/\lambda_i`, :math:`k\alpha` at :math:`\lambda_i = 0`.
+    r""":math:`q_i = ((1-\alpha\lambda_i)^{-k} - 1)/\lambda_i`, and :math:`k\alpha` where 0.
 
     Written as :math:`\operatorname{expm1}(-k\operatorname{log1p}(-\alpha\lambda))/\lambda`, which
     has no cancellation for small :math:`\alpha\lambda`.
@@ -482,7 +489,8 @@ def implied_prior_covariance(
 
         L^\top X^\top X L/\sigma^2 = O\,\mathrm{diag}(\lambda_i)\,O^\top,\qquad
         Q = L\,O\,\mathrm{diag}(q_i)\,O^\top L^\top,\qquad
-        q_i = \frac{(1-\alpha\lambda_i)^{-k}-1}{\lambda_i}\ \ (q_i = k\alpha \text{ if } \lambda_i = 0),
+        q_i = \frac{(1-\alpha\lambda_i)^{-k}-1}{\lambda_i}
+        \ \ (q_i = k\alpha \text{ if } \lambda_i = 0),
 
     where :math:`B = LL^\top` is the preconditioner (Santos 1996; Grant et al. 2018, §3.1;
     MATH.md §3). Directions the task's data cannot see (:math:`\lambda_i = 0`) keep the prior
@@ -540,9 +548,10 @@ def implied_prior_precision(
     Better conditioned than :math:`Q` itself: :math:`\gamma_i` is small where :math:`q_i` is
     huge (:math:`\alpha\lambda_i` near 1, many steps), and the posterior precision
     :math:`H = X^\top X/\sigma^2 + Q^{-1}` has eigenvalues :math:`\lambda_i + \gamma_i =
-    \lambda_i/(1-(1-\alpha\lambda_i)^k) \in [1/(k\alpha), \lambda_{\max}/(1-(1-\alpha\lambda_{\max})^k)]`
-    in the whitened coordinates, a condition number of at most :math:`k` (times that of
-    :math:`B`). Needs :math:`k \ge 1`. Shapes and errors as in :func:`implied_prior_covariance`.
+    \lambda_i/(1-(1-\alpha\lambda_i)^k)`, between :math:`1/(k\alpha)` and
+    :math:`\lambda_{\max}/(1-(1-\alpha\lambda_{\max})^k)` in the whitened coordinates: a
+    condition number of at most :math:`k` (times that of :math:`B`). Needs :math:`k \ge 1`.
+    Shapes and errors as in :func:`implied_prior_covariance`.
     """
     _check_steps(steps)
     if steps == 0:
@@ -572,8 +581,9 @@ class LinearGaussianPosterior:
     r"""The Gaussian task posterior :math:`\mathcal N(\mu, \Sigma)` of :func:`posterior`.
 
     ``mean`` is :math:`\mu` ``(..., D)``, ``covariance`` :math:`\Sigma = H^{-1}` ``(..., D, D)``.
-    ``precision`` is :math:`H = X^\top X/\sigma^2 + Q^{-1}`, computed on first use when the
-    posterior was built from a covariance (it needs :math:`\Sigma` to be non-singular).
+    ``precision`` is :math:`H = X^\top X/\sigma^2 + Q^{-1}`: kept from the information form
+    (``_precision``), or computed on use from a covariance (it needs :math:`\Sigma`
+    non-singular).
     """
 
     mean: Tensor
@@ -598,7 +608,7 @@ def posterior(
     prior_covariance: Tensor | None = None,
     prior_precision: Tensor | None = None,
 ) -> LinearGaussianPosterior:
-    r"""The exact posterior :math:`p(\phi \mid y, \theta)` under the prior :math:`\mathcal N(\theta, Q)`.
+    r"""The exact task posterior :math:`p(\phi\mid y,\theta)` under a Gaussian prior.
 
     .. math::
 
@@ -612,8 +622,13 @@ def posterior(
 
     Give exactly one of ``prior_covariance`` (the second, "Kalman" forms above: an
     :math:`N\times N` Cholesky factorisation; :math:`Q` may be singular) or ``prior_precision``
-    (the first, "information" form: a :math:`D\times D` Cholesky factorisation of :math:`H`;
-    prefer it for implied priors with huge variances, see :func:`implied_prior_precision`).
+    (the first, "information" form: a :math:`D\times D` Cholesky factorisation of :math:`H`).
+    Prefer the precision for implied priors with :math:`\alpha\lambda_{\max}` near 1 and many
+    steps: their variances span :math:`k\alpha` to about
+    :math:`(1-\alpha\lambda_{\max})^{-k}/\lambda_{\max}`, forming :math:`Q` already rounds
+    its small directions by :math:`\varepsilon\lVert Q\rVert`, and the covariance form is
+    then only accurate to about :math:`\varepsilon(1-\alpha\lambda_{\max})^{-k}`, while the
+    information form stays at rounding level (see :func:`implied_prior_precision`).
 
     Parameters
     ----------
@@ -709,7 +724,7 @@ def log_evidence(
     return -0.5 * z.square().sum(-1) - half_logdet - 0.5 * N * _LOG_2PI
 
 
-# -- estimators of θ from J tasks --------------------------------------------------------------------
+# -- estimators of θ from J tasks ------------------------------------------------------------------
 
 
 class ThetaEstimate(NamedTuple):
@@ -730,8 +745,9 @@ class ThetaEstimate(NamedTuple):
         return torch.diagonal(self.covariance, dim1=-2, dim2=-1).sum(-1).sqrt()
 
     def squared_mahalanobis(self, truth: Tensor) -> Tensor:
-        r""":math:`(\hat\theta-\theta^*)^\top\operatorname{Cov}^{-1}(\hat\theta-\theta^*)`, ``(...)``:
-        :math:`\chi^2_D`-distributed when :math:`\hat\theta` is Gaussian around ``truth``."""
+        r""":math:`(\hat\theta-\theta^*)^\top\operatorname{Cov}^{-1}(\hat\theta-\theta^*)`,
+        ``(...)``: :math:`\chi^2_D`-distributed when :math:`\hat\theta` is Gaussian around
+        ``truth``."""
         if self.covariance is None:
             raise ValueError("this estimate was computed without its covariance")
         L = _chol(self.covariance, "the covariance of the estimate")
