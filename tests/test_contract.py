@@ -35,6 +35,7 @@ def classification_batch(T: int = 3, N: int = 6, C: int = 3) -> TaskBatch:
 MODELS: dict[str, Callable[[], tuple[object, TaskBatch]]] = {
     "linear": lambda: (BayesianLinearRegression(3, bias=True, learn_noise=True, learn_prior_scale=True), regression_batch(d=3)),
     "neural": lambda: (NeuralRegression(tiny_mlp(6)), regression_batch()),
+    "per-task-noise": lambda: (NeuralRegression(tiny_mlp(6), per_task_noise=True, learn_prior_scale=True), regression_batch()),
     "categorical": lambda: (
         TaskModel(nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 3)), CategoricalLikelihood(), prior_scale=0.5),
         classification_batch(),

@@ -141,7 +141,7 @@ def test_conv_layer_jacobian_equals_autograd() -> None:
     assert_close(layers.dense(), auto.dense(), **TOL)
     assert_close(layers.gram(inv), auto.gram(inv), **TOL)
     assert_close(layers.column_square_sums(), auto.column_square_sums(), **TOL)
-    estimate = kfac(inputs)  # eigen representation for convolutions
+    estimate = kfac(inputs)
     H = estimate.to_dense()
     assert_close(estimate.logdet(), torch.linalg.eigvalsh(H).log().sum(-1), **TOL)
 
@@ -174,8 +174,7 @@ def test_kfac_equals_the_fisher_block_for_one_linear_layer_and_one_point() -> No
         torch.full((structure.num_params,), 0.3), False,
     )
     fisher = build_curvature("ggn", inputs).to_dense()  # J^T Λ J + τI, the exact Fisher here
-    for representation in ("lowrank", "eigen"):
-        assert_close(kfac(inputs, representation=representation).to_dense(), fisher, **TOL)
+    assert_close(kfac(inputs).to_dense(), fisher, **TOL)
 
 
 def test_kfac_and_ggn_differ_with_several_points() -> None:
@@ -255,3 +254,30 @@ def test_ggn_needs_a_known_likelihood() -> None:
         full = build_curvature("full", CurvatureInputs(generic, inputs.params, inputs.phi, inputs.x, inputs.y, None, inputs.prior_precision, False))
         native_full = build_curvature("full", inputs)
     assert_close(full.to_dense(), native_full.to_dense(), **TOL)
+
+
+def test_per_task_noise_gets_its_fisher_information() -> None:
+    """With a per-task log noise scale in phi, the GGN is block diagonal: the network block
+    whitened by each task's own sigma, and 2 per observed value on the log-sigma entry."""
+    batch = regression_batch(T=3, N=5)
+    model = NeuralRegression(tiny_mlp(4), per_task_noise=True, per_task_noise_scale=0.3)
+    structure = model_structure(model, batch.support_x, batch.support_y)
+    density = task_density(model, structure)
+    D = structure.num_params
+    assert D == model.num_network_params + 1
+    phi = model.theta_init + 0.2 * torch.randn(3, D)
+    P = density.prior_precision({"theta": model.theta_init})
+    assert_close(P[-1], torch.tensor(1 / 0.09))
+    inputs = CurvatureInputs(density, {"theta": model.theta_init}, phi, batch.support_x, batch.support_y, None, P, False)
+    for name in ("ggn", "diag", "kfac"):
+        H = build_curvature(name, inputs).to_dense()
+        assert_close(H[:, -1, -1], (P[-1] + 2.0 * 5).expand(3))
+        assert_close(H[:, -1, :-1], torch.zeros(3, D - 1))
+    # the network block equals the GGN of a model with each task's sigma fixed
+    sigma = phi[:, -1].exp()
+    H = build_curvature("ggn", inputs).to_dense()
+    phi_net = phi[:, :-1].clone().requires_grad_(True)
+    f = model.net(phi_net, batch.support_x)
+    J = torch.stack([torch.autograd.grad(f[:, n, 0].sum(), phi_net, retain_graph=True)[0] for n in range(5)], 1)
+    expected = J.transpose(1, 2) @ J / sigma[:, None, None] ** 2 + torch.diag_embed(P[:-1].expand(3, -1))
+    assert_close(H[:, :-1, :-1], expected, **TOL)

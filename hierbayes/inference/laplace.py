@@ -163,13 +163,15 @@ def laplace_log_evidence(
     return value if create_graph else value.detach()
 
 
-def _noise_variance(density: TaskDensity, params: Mapping[str, Tensor], f: Tensor) -> Tensor:
-    likelihood = getattr(density, "likelihood", None)
-    scale = getattr(likelihood, "scale", None)
-    if scale is None:
+def _noise_variance(density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, f: Tensor) -> Tensor:
+    variance = getattr(density, "noise_variance", None)
+    if variance is None:
         raise ModelContractError("a linearised Gaussian predictive needs a Gaussian likelihood")
-    sigma = scale(params)
-    return (torch.as_tensor(sigma, dtype=f.dtype, device=f.device) ** 2).expand_as(f)
+    try:
+        result: Tensor = variance(params, phi, f)
+    except NotImplementedError as err:
+        raise ModelContractError("a linearised Gaussian predictive needs a Gaussian likelihood") from err
+    return result
 
 
 def predictive_output_variance(
@@ -200,7 +202,7 @@ def linearized_predictive(
 ) -> GaussianPrediction:
     r"""The linearised Laplace predictive :math:`\mathcal N(f_*, \sigma^2 + J_*\hat H^{-1}J_*^\top)`."""
     f, var = predictive_output_variance(estimate, inputs, x, jacobian=jacobian)
-    return GaussianPrediction(f, var + _noise_variance(inputs.density, inputs.params, f))
+    return GaussianPrediction(f, var + _noise_variance(inputs.density, inputs.params, inputs.phi, f))
 
 
 class LaplacePosterior(TaskPosterior):
@@ -266,7 +268,7 @@ class LaplacePosterior(TaskPosterior):
                     return CategoricalPrediction(probs.reshape(S, T, *probs.shape[1:]).mean(0))
                 means = self.density.outputs(self.params, draws.reshape(S * T, D), xs)  # type: ignore[attr-defined]
                 means = means.reshape(S, T, means.shape[1], -1)
-                noise = _noise_variance(self.density, self.params, means[0])
+                noise = _noise_variance(self.density, self.params, self.mean, means[0])
                 return MixturePrediction(means, noise)
         if method != "linearized":
             raise ValueError(f"method must be 'linearized' or 'sampled'; got {method!r}")
@@ -286,7 +288,7 @@ class LaplacePosterior(TaskPosterior):
                 return CategoricalPrediction(
                     torch.softmax(f / torch.sqrt(1 + math.pi * var / 8), dim=-1)
                 )
-            return GaussianPrediction(f, var + _noise_variance(self.density, self.params, f))
+            return GaussianPrediction(f, var + _noise_variance(self.density, self.params, self.mean, f))
 
 
 def laplace_posterior(

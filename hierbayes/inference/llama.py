@@ -54,6 +54,7 @@ from hierbayes.inference.curvature import (
     CurvatureInputs,
     build_curvature,
     get_curvature,
+    output_jacobian,
 )
 from hierbayes.inference.laplace import (
     laplace_log_evidence,
@@ -150,7 +151,6 @@ class LaplacePenaltyObjective(LaplaceObjective):
     ) -> Tensor:
         batch, density, params, phi = self._setup(model, guide, args, kwargs)
         xq, yq, mq = batch.require_query("the paper's LLAMA objective")
-        nll = -density.log_likelihood(params, phi, xq, yq, mq)
         P = self._precision(density, params, phi.shape[0])
         if P.requires_grad:
             if not self._warned:
@@ -165,17 +165,25 @@ class LaplacePenaltyObjective(LaplaceObjective):
                 self._warned = True
             P = P.detach()
         x, y, mask = select_data(
-            (batch.support_x, batch.support_y, batch.support_mask),
-            (xq, yq, mq),
-            self.curvature_data,
+            (batch.support_x, batch.support_y, batch.support_mask), (xq, yq, mq), self.curvature_data
         )
+        inputs = CurvatureInputs(density, params, phi, x, y, mask, P, create_graph=True)
+        likelihood = getattr(density, "likelihood", None)
+        shared = (
+            self.curvature_data == "query"
+            and self.eta > 0
+            and likelihood is not None
+            and getattr(density, "network", None) is not None
+        )
+        if shared:
+            # one recorded forward pass of the query set serves the likelihood and the curvature
+            _, f = output_jacobian(inputs, method=self.jacobian)
+            nll = -likelihood.log_prob_sum(f, yq, params, mq)
+        else:
+            nll = -density.log_likelihood(params, phi, xq, yq, mq)
         loss = nll.mean()
         if self.eta > 0:
-            estimate = build_curvature(
-                self.curvature,
-                CurvatureInputs(density, params, phi, x, y, mask, P, create_graph=True),
-            )
-            loss = loss + self.eta * estimate.logdet().mean()
+            loss = loss + self.eta * build_curvature(self.curvature, inputs).logdet().mean()
         return loss + self.hyperprior_term(density, params, xq)
 
 

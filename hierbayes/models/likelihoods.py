@@ -3,7 +3,13 @@ r"""Observation models :math:`p(y \mid f)` for network outputs :math:`f = f(x; \
 Each likelihood gives the Pyro distribution used at the model's observed site and a closed-form
 log density used by the fast path; the tests check they agree. For the generalised
 Gauss--Newton curvature each also gives :math:`\Lambda`, the Hessian of :math:`-\log p(y\mid f)`
-with respect to :math:`f` (Martens 2020; MATH.md §4).
+with respect to :math:`f`, and a factor :math:`L` with :math:`\Lambda = LL^\top` (Martens 2020;
+MATH.md §4).
+
+A likelihood may own **per-task parameters** appended to :math:`\phi_j` (the Gaussian's
+per-task log noise scale): they get a prior around a mean stored in :math:`\theta`, are
+adapted by the inner loop with the network's weights, and enter the Laplace curvature through
+their Fisher information.
 """
 
 from __future__ import annotations
@@ -22,10 +28,14 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Likelihood(ABC):
-    """Observation model with global latents of its own (e.g. a learned noise scale)."""
+    """Observation model with optional global latents and per-task parameters of its own."""
 
     #: Whether targets are class labels (integer, one per point) or real vectors.
     is_classification: bool = False
+    #: Number of per-task parameters appended to each task's :math:`\phi_j`.
+    num_task_params: int = 0
+    #: Prior scale of those parameters around their mean in :math:`\theta`.
+    task_param_prior_scale: float = 1.0
 
     def global_priors(self) -> dict[str, dist.Distribution]:
         """Hyperpriors of the likelihood's own global latents, by site name."""
@@ -35,13 +45,25 @@ class Likelihood(ABC):
         """Where the guide starts each of those latents."""
         return {}
 
+    def task_param_init(self) -> Tensor:
+        """Initial mean of the per-task parameters, ``(num_task_params,)``."""
+        return torch.zeros(self.num_task_params)
+
+    def with_task_params(self, params: Mapping[str, Tensor], task_params: Tensor) -> Mapping[str, Tensor]:
+        """``params`` completed with the per-task parameters ``(T, k)`` of a batch."""
+        return params
+
+    def task_param_curvature(self, f: Tensor, params: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
+        """Fisher information of the per-task parameters, diagonal, ``(T, k)``."""
+        return f.new_zeros(f.shape[0], 0)
+
     @abstractmethod
     def distribution(self, f: Tensor, params: Mapping[str, Tensor]) -> dist.Distribution:
-        """:math:`p(y \\mid f)` with batch shape ``f.shape[:2]`` = ``(T, N)``."""
+        r""":math:`p(y \mid f)` with batch shape ``f.shape[:2]`` = ``(T, N)``."""
 
     @abstractmethod
     def log_prob(self, f: Tensor, y: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-        """Closed-form :math:`\\log p(y_n \\mid f_n)`, shape ``(T, N)``."""
+        r"""Closed-form :math:`\log p(y_n \mid f_n)`, shape ``(T, N)``."""
 
     def log_prob_sum(
         self, f: Tensor, y: Tensor, params: Mapping[str, Tensor], mask: Tensor | None = None
@@ -70,21 +92,41 @@ class GaussianLikelihood(Likelihood):
     Parameters
     ----------
     noise_scale:
-        :math:`\sigma`, or its initial value when ``learned``.
+        :math:`\sigma`, or its initial value when learned.
     learned:
         Make :math:`\sigma` a global latent ``noise_scale`` with hyperprior
         :math:`\log\sigma \sim \mathcal N(\log\sigma_0, 1)`, point-estimated with
         :math:`\theta` (type-II MAP), so that predictive intervals are honest.
+    per_task:
+        Give every task its own noise scale instead: :math:`\log\sigma_j` is appended to
+        :math:`\phi_j` with prior :math:`\mathcal N(\bar\theta_\sigma, s_\sigma^2)`, its mean
+        :math:`\bar\theta_\sigma` the last entry of :math:`\theta`. The inner loop adapts it to
+        the task's support residuals, so a task's predictive widens with its own misfit.
+    per_task_prior_scale:
+        :math:`s_\sigma`.
     """
 
-    def __init__(self, noise_scale: float = 1.0, *, learned: bool = True) -> None:
+    def __init__(
+        self,
+        noise_scale: float = 1.0,
+        *,
+        learned: bool = True,
+        per_task: bool = False,
+        per_task_prior_scale: float = 0.5,
+    ) -> None:
         if not noise_scale > 0:
             raise ValueError(f"noise_scale must be positive; got {noise_scale}")
+        if per_task and not per_task_prior_scale > 0:
+            raise ValueError(f"per_task_prior_scale must be positive; got {per_task_prior_scale}")
         self.noise_scale = float(noise_scale)
-        self.learned = learned
+        self.per_task = per_task
+        self.learned = learned and not per_task
+        self.num_task_params = 1 if per_task else 0
+        self.task_param_prior_scale = float(per_task_prior_scale)
 
     def __repr__(self) -> str:
-        return f"GaussianLikelihood(noise_scale={self.noise_scale}, learned={self.learned})"
+        mode = "per_task" if self.per_task else ("learned" if self.learned else "fixed")
+        return f"GaussianLikelihood(noise_scale={self.noise_scale}, {mode})"
 
     def global_priors(self) -> dict[str, dist.Distribution]:
         if not self.learned:
@@ -94,9 +136,30 @@ class GaussianLikelihood(Likelihood):
     def initial_values(self) -> dict[str, Tensor]:
         return {"noise_scale": torch.tensor(self.noise_scale)} if self.learned else {}
 
+    def task_param_init(self) -> Tensor:
+        return torch.full((self.num_task_params,), math.log(self.noise_scale))
+
+    def with_task_params(self, params: Mapping[str, Tensor], task_params: Tensor) -> Mapping[str, Tensor]:
+        if not self.per_task:
+            return params
+        return {**params, "noise_scale": task_params[:, 0].exp().reshape(-1, 1, 1)}
+
     def scale(self, params: Mapping[str, Tensor]) -> Tensor | float:
-        """:math:`\\sigma`: the learned value, or the fixed one."""
-        return params["noise_scale"] if self.learned else self.noise_scale
+        r""":math:`\sigma`: a scalar, or ``(T, 1, 1)`` per task."""
+        return params["noise_scale"] if (self.learned or self.per_task) else self.noise_scale
+
+    def _log_scale_per_task(self, sigma: Tensor | float) -> Tensor | float:
+        if isinstance(sigma, Tensor):
+            return torch.log(sigma).reshape(-1) if sigma.dim() > 0 else torch.log(sigma)
+        return math.log(sigma)
+
+    def task_param_curvature(self, f: Tensor, params: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
+        r"""Fisher information of :math:`\log\sigma_j`: 2 per observed value."""
+        if not self.per_task:
+            return f.new_zeros(f.shape[0], 0)
+        values = math.prod(f.shape[2:])
+        count = (f.new_full((f.shape[0],), float(f.shape[1])) if mask is None else mask.sum(-1).to(f.dtype)) * values
+        return (2.0 * count).unsqueeze(-1)
 
     def distribution(self, f: Tensor, params: Mapping[str, Tensor]) -> dist.Distribution:
         return dist.Normal(f, self.scale(params)).to_event(f.dim() - 2)
@@ -113,7 +176,6 @@ class GaussianLikelihood(Likelihood):
     ) -> Tensor:
         # The normalising constant is added once per task rather than once per value.
         sigma = self.scale(params)
-        log_sigma = torch.log(sigma) if isinstance(sigma, Tensor) else math.log(sigma)
         sq = ((y - f) / sigma).square()
         if sq.dim() > 2:
             sq = sq.reshape(*sq.shape[:2], -1).sum(-1)
@@ -123,19 +185,28 @@ class GaussianLikelihood(Likelihood):
         else:
             sq = torch.where(mask, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
             count = mask.sum(-1) * values_per_point
-        return -0.5 * sq.sum(-1) - count * (log_sigma + _HALF_LOG_2PI)
+        return -0.5 * sq.sum(-1) - count * (self._log_scale_per_task(sigma) + _HALF_LOG_2PI)
+
+    def _eye_over(self, f: Tensor, params: Mapping[str, Tensor], power: int) -> Tensor:
+        sigma = self.scale(params)
+        C = math.prod(f.shape[2:])
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        if isinstance(sigma, Tensor) and sigma.dim() > 0:
+            return (eye / sigma.reshape(-1, 1, 1, 1) ** power).expand(*f.shape[:2], C, C)
+        return (eye / sigma**power).expand(*f.shape[:2], C, C)
 
     def output_precision(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-        sigma = self.scale(params)
-        C = math.prod(f.shape[2:])
-        eye = torch.eye(C, dtype=f.dtype, device=f.device)
-        return (eye / sigma**2).expand(*f.shape[:2], C, C)
+        return self._eye_over(f, params, 2)
 
     def output_factor(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return self._eye_over(f, params, 1)
+
+    def noise_variance(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        r""":math:`\sigma^2` broadcast to ``f``'s shape ``(T, N, C)``."""
         sigma = self.scale(params)
-        C = math.prod(f.shape[2:])
-        eye = torch.eye(C, dtype=f.dtype, device=f.device)
-        return (eye / sigma).expand(*f.shape[:2], C, C)
+        if isinstance(sigma, Tensor) and sigma.dim() > 0:
+            return (sigma.reshape(-1, 1, 1) ** 2).expand(f.shape[0], f.shape[1], -1).expand_as(f)
+        return torch.as_tensor(sigma, dtype=f.dtype, device=f.device).square().expand_as(f)
 
 
 class CategoricalLikelihood(Likelihood):

@@ -38,7 +38,13 @@ class NeuralRegression(TaskModel):
         :math:`\sigma`, or its initial value when ``learn_noise`` (default): the noise scale is
         then a global latent point-estimated with :math:`\theta`, so every method's predictive
         distribution has a calibrated scale.
-    prior_scale, learn_prior_scale, hyperprior_scale, theta_init:
+    per_task_noise:
+        Give each task its own noise scale, adapted by the inner loop (see
+        :class:`GaussianLikelihood`, ``per_task``): :math:`\phi_j` gains one entry,
+        :math:`\log\sigma_j`, and its prior mean joins :math:`\theta`.
+    per_task_noise_scale:
+        Prior scale of :math:`\log\sigma_j` around that mean.
+    prior_scale, learn_prior_scale, hyperprior_scale:
         As in :class:`~hierbayes.models.TaskModel`.
     """
 
@@ -51,10 +57,15 @@ class NeuralRegression(TaskModel):
         prior_scale: float = 1.0,
         learn_prior_scale: bool = False,
         hyperprior_scale: float | None = 10.0,
+        per_task_noise: bool = False,
+        per_task_noise_scale: float = 0.5,
     ) -> None:
         super().__init__(
             network if network is not None else sinusoid_network(),
-            GaussianLikelihood(noise_scale, learned=learn_noise),
+            GaussianLikelihood(
+                noise_scale, learned=learn_noise, per_task=per_task_noise,
+                per_task_prior_scale=per_task_noise_scale,
+            ),
             prior_scale=prior_scale,
             learn_prior_scale=learn_prior_scale,
             hyperprior_scale=hyperprior_scale,

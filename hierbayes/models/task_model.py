@@ -89,19 +89,31 @@ class TaskModel(PyroModule):
         self.prior_scale_init = float(prior_scale)
         self.learn_prior_scale = learn_prior_scale
         self.hyperprior_scale = hyperprior_scale
-        init = self.net.initial_parameters() if theta_init is None else theta_init.detach().clone()
-        if init.shape != (self.net.num_params,):
-            raise ValueError(
-                f"theta_init must have shape ({self.net.num_params},); got {tuple(init.shape)}"
-            )
+        self.num_network_params = self.net.num_params
+        self.num_task_likelihood_params = likelihood.num_task_params
+        D = self.num_network_params + self.num_task_likelihood_params
+        if theta_init is None:
+            init = torch.cat([self.net.initial_parameters(), likelihood.task_param_init().to(torch.get_default_dtype())])
+        else:
+            init = theta_init.detach().clone()
+        if init.shape != (D,):
+            raise ValueError(f"theta_init must have shape ({D},); got {tuple(init.shape)}")
         self.register_buffer("theta_init", init)
         if hyperprior_scale is None:
             self.theta = PyroParam(init.clone())
 
     @property
     def num_params(self) -> int:
-        """:math:`D`."""
-        return self.net.num_params
+        """:math:`D`: the network's parameters plus the likelihood's per-task parameters."""
+        return self.num_network_params + self.num_task_likelihood_params
+
+    def split(self, params: Mapping[str, Tensor], phi: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
+        r"""The network's part of :math:`\phi` ``(T, D)`` and the global values completed with
+        the likelihood's per-task parameters."""
+        if self.num_task_likelihood_params == 0:
+            return phi, params
+        net = phi[:, : self.num_network_params]
+        return net, self.likelihood.with_task_params(params, phi[:, self.num_network_params :])
 
     # -- the Pyro program ----------------------------------------------------------------------
 
@@ -139,9 +151,10 @@ class TaskModel(PyroModule):
         T, N = x.shape[0], x.shape[1]
         with pyro.plate("tasks", T, dim=-2):
             phi = pyro.sample("phi", dist.Normal(theta, scale).to_event(1))
-            f = self.net(phi.reshape(T, self.num_params), x)
+            net, task_params = self.split(params, phi.reshape(T, self.num_params))
+            f = self.net(net, x)
             with pyro.plate("data", N, dim=-1), poutine.mask(mask=True if mask is None else mask):
-                pyro.sample("y", self.likelihood.distribution(f, params), obs=y)
+                pyro.sample("y", self.likelihood.distribution(f, task_params), obs=y)
         return f
 
     # -- pieces shared with the native density -------------------------------------------------
@@ -154,8 +167,15 @@ class TaskModel(PyroModule):
         return params["theta"]
 
     def prior_scale_of(self, params: Mapping[str, Tensor]) -> Tensor | float:
-        """:math:`s`: learned or fixed."""
-        return params["prior_scale"] if self.learn_prior_scale else self.prior_scale_init
+        """:math:`s` of :math:`p(\\phi\\mid\\theta)`: learned or fixed; a ``(D,)`` vector when the
+        likelihood has per-task parameters (they keep their own scale)."""
+        scale = params["prior_scale"] if self.learn_prior_scale else self.prior_scale_init
+        k = self.num_task_likelihood_params
+        if k == 0:
+            return scale
+        ref: Tensor = self.theta_init  # type: ignore[assignment]
+        net = ref.new_ones(self.num_network_params) * scale
+        return torch.cat([net, ref.new_full((k,), self.likelihood.task_param_prior_scale)])
 
     def initial_values(self) -> dict[str, Tensor]:
         """Where the guide starts each global latent: :math:`\\theta_0` and the likelihood's."""
@@ -190,12 +210,36 @@ class TaskModelDensity:
 
     def outputs(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
         r""":math:`f(x_{jn}; \phi_j)`, ``(T, N, *output_shape)``."""
-        return self.network(phi, x)
+        return self.network(self.model.split(params, phi)[0], x)
 
     def outputs_with_records(
         self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor
     ) -> tuple[Tensor, list[LayerRecord]]:
-        return self.network.forward_with_records(phi, x)
+        return self.network.forward_with_records(self.model.split(params, phi)[0], x)
+
+    def output_factor(self, params: Mapping[str, Tensor], phi: Tensor, f: Tensor) -> Tensor:
+        r""":math:`L_n` with :math:`\Lambda_n = L_nL_n^\top` at outputs ``f`` ``(T, N, C)``."""
+        return self.likelihood.output_factor(f, self.model.split(params, phi)[1])
+
+    def noise_variance(self, params: Mapping[str, Tensor], phi: Tensor, f: Tensor) -> Tensor:
+        r"""Observation-noise variance :math:`\sigma^2` (Gaussian likelihoods), shaped like ``f``."""
+        variance = getattr(self.likelihood, "noise_variance", None)
+        if variance is None:
+            raise NotImplementedError(f"{self.likelihood!r} has no noise variance")
+        result: Tensor = variance(f, self.model.split(params, phi)[1])
+        return result
+
+    def diagonal_curvature(
+        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor, mask: Tensor | None = None
+    ) -> Tensor | None:
+        r"""Curvature of :math:`-\log p(y\mid\phi)` in the likelihood's per-task parameters
+        (their Fisher information), ``(T, D)`` with zeros elsewhere; ``None`` if there are none."""
+        k = self.model.num_task_likelihood_params
+        if k == 0:
+            return None
+        net, task_params = self.model.split(params, phi)
+        fisher = self.likelihood.task_param_curvature(self.network(net, x), task_params, mask)
+        return torch.cat([fisher.new_zeros(phi.shape[0], self.model.num_network_params), fisher], dim=-1)
 
     def log_likelihood(
         self,
@@ -205,19 +249,25 @@ class TaskModelDensity:
         y: Tensor,
         mask: Tensor | None = None,
     ) -> Tensor:
-        return self.likelihood.log_prob_sum(self.network(phi, x), y, params, mask)
+        net, task_params = self.model.split(params, phi)
+        return self.likelihood.log_prob_sum(self.network(net, x), y, task_params, mask)
 
     def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor | None = None) -> Tensor:
         theta = self.model.theta_of(params)
         scale = self.model.prior_scale_of(params)
-        log_scale = torch.log(scale) if isinstance(scale, Tensor) else math.log(scale)
         z = (phi - theta) / scale
-        return (-0.5 * z.square() - log_scale - _HALF_LOG_2PI).sum(-1)
+        if isinstance(scale, Tensor) and scale.dim() > 0:
+            return (-0.5 * z.square()).sum(-1) - scale.log().sum() - phi.shape[-1] * _HALF_LOG_2PI
+        log_scale = torch.log(scale) if isinstance(scale, Tensor) else math.log(scale)
+        return (-0.5 * z.square()).sum(-1) - phi.shape[-1] * (log_scale + _HALF_LOG_2PI)
 
     def prior_precision(self, params: Mapping[str, Tensor]) -> Tensor:
         r"""The diagonal of :math:`-\nabla^2_\phi \log p(\phi\mid\theta)`: :math:`1/s^2`, ``(D,)``."""
         scale = self.model.prior_scale_of(params)
         ref = self.model.theta_of(params)
+        if isinstance(scale, Tensor) and scale.dim() > 0:
+            return 1.0 / scale.square()
+        # an expanded scalar: structured code sees a constant row and skips per-entry work
         return (1.0 / (ref.new_ones(()) * scale) ** 2).expand(ref.shape[-1])
 
     def prior_mean(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -232,7 +282,8 @@ class TaskModelDensity:
         return total
 
     def predictive(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> dist.Distribution:
-        return self.likelihood.distribution(self.network(phi, x), params)
+        net, task_params = self.model.split(params, phi)
+        return self.likelihood.distribution(self.network(net, x), task_params)
 
 
 def from_module(

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from hierbayes.models.contract import TaskDensity
 
-__all__ = ["CurvatureEstimate", "CurvatureInputs", "cholesky_logdet", "safe_cholesky"]
+__all__ = ["CurvatureEstimate", "CurvatureInputs", "cholesky_logdet", "row_constant", "safe_cholesky"]
 
 
 @dataclass
@@ -62,6 +62,8 @@ class CurvatureInputs:
     mask: Tensor | None
     prior_precision: Tensor
     create_graph: bool = True
+    #: Output Jacobians already computed for these inputs (see ``output_jacobian``).
+    cache: dict[tuple[int, bool, str, int], tuple[object, Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def num_tasks(self) -> int:
@@ -74,6 +76,17 @@ class CurvatureInputs:
     def prior_precision_matrix(self) -> Tensor:
         """:math:`P` broadcast to ``(T, D)``."""
         return self.prior_precision.expand(self.num_tasks, self.num_params)
+
+    def base_precision(self) -> Tensor:
+        r""":math:`P` plus the diagonal curvature of parameters outside the network (a
+        likelihood's per-task parameters: their Fisher information), ``(T, D)``. The
+        Jacobian-based backends add their network curvature to this."""
+        P = self.prior_precision_matrix()
+        extra = getattr(self.density, "diagonal_curvature", None)
+        if extra is None:
+            return P
+        diagonal = extra(self.params, self.phi, self.x, self.y, self.mask)
+        return P if diagonal is None else P + diagonal
 
 
 class CurvatureEstimate(ABC):
@@ -111,6 +124,15 @@ class CurvatureEstimate(ABC):
     def marginal_variance(self) -> Tensor:
         r""":math:`\operatorname{diag}\hat H_j^{-1}`, ``(T, D)``."""
         return self.covariance().diagonal(dim1=-2, dim2=-1)
+
+
+def row_constant(matrix: Tensor) -> Tensor | None:
+    """``(T, 1)`` if every row of ``matrix`` ``(T, D)`` is one repeated value (an expanded
+    scalar, as an isotropic prior precision is), else ``None``. Lets structured code skip
+    element-wise work on ``(T, D)`` tensors."""
+    if matrix.dim() == 2 and matrix.stride(-1) == 0:
+        return matrix[:, :1]
+    return None
 
 
 def cholesky_logdet(chol: Tensor) -> Tensor:

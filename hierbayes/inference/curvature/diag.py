@@ -53,4 +53,4 @@ class DiagonalCurvature(CurvatureEstimate):
 def diagonal_ggn(inputs: CurvatureInputs, *, jacobian: str = "auto") -> DiagonalCurvature:
     """Build :class:`DiagonalCurvature` (registered as ``"diag"``)."""
     jac, _ = output_jacobian(inputs, method=jacobian)
-    return DiagonalCurvature(jac.column_square_sums() + inputs.prior_precision_matrix())
+    return DiagonalCurvature(jac.column_square_sums() + inputs.base_precision())

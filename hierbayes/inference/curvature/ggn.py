@@ -30,6 +30,7 @@ from hierbayes.inference.curvature.base import (
     CurvatureEstimate,
     CurvatureInputs,
     cholesky_logdet,
+    row_constant,
     safe_cholesky,
 )
 from hierbayes.inference.curvature.jacobian import OutputJacobian, output_jacobian
@@ -45,13 +46,19 @@ class GGNCurvature(CurvatureEstimate):
     def __init__(self, jacobian: OutputJacobian, prior_precision: Tensor) -> None:
         self.jacobian = jacobian
         self.prior_precision = prior_precision
-        self.inv_precision = 1.0 / prior_precision
+        constant = row_constant(prior_precision)
+        self.inv_precision = 1.0 / prior_precision if constant is None else (1.0 / constant).expand_as(prior_precision)
+        self._constant = constant
         gram = jacobian.gram(self.inv_precision)
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         self.chol = safe_cholesky(eye + gram, "I + J P^-1 J^T")
 
     def logdet(self) -> Tensor:
-        return self.prior_precision.log().sum(-1) + cholesky_logdet(self.chol)
+        if self._constant is not None:
+            prior = self.prior_precision.shape[-1] * self._constant.squeeze(-1).log()
+        else:
+            prior = self.prior_precision.log().sum(-1)
+        return prior + cholesky_logdet(self.chol)
 
     def solve(self, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 2
@@ -85,4 +92,4 @@ class GGNCurvature(CurvatureEstimate):
 def ggn(inputs: CurvatureInputs, *, jacobian: str = "auto") -> GGNCurvature:
     """Build :class:`GGNCurvature` (registered as ``"ggn"``)."""
     jac, _ = output_jacobian(inputs, method=jacobian)
-    return GGNCurvature(jac, inputs.prior_precision_matrix())
+    return GGNCurvature(jac, inputs.base_precision())

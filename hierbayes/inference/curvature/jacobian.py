@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hierbayes.errors import ModelContractError
-from hierbayes.inference.curvature.base import CurvatureInputs
+from hierbayes.inference.curvature.base import CurvatureInputs, row_constant
 from hierbayes.models.network import LayerRecord, ParameterLayout
 
 __all__ = ["DenseJacobian", "LayerJacobian", "OutputJacobian", "output_jacobian"]
@@ -106,7 +106,11 @@ class LayerJacobian(OutputJacobian):
     """
 
     def __init__(
-        self, records: list[LayerRecord], gtilde: list[Tensor], layout: ParameterLayout
+        self,
+        records: list[LayerRecord],
+        gtilde: list[Tensor],
+        layout: ParameterLayout,
+        num_params: int | None = None,
     ) -> None:
         self.records = records
         self.gtilde = gtilde
@@ -115,7 +119,8 @@ class LayerJacobian(OutputJacobian):
         self.num_tasks = int(first.shape[0])
         self.points, self.outputs_per_point = int(first.shape[1]), int(first.shape[2])
         self.num_rows = self.points * self.outputs_per_point
-        self.num_params = layout.num_params
+        # phi may hold more than the network's parameters (a likelihood's per-task ones) after them
+        self.num_params = layout.num_params if num_params is None else num_params
         self._dense: Tensor | None = None
         self._blocks: list[tuple[slice, slice | None, Tensor, Tensor | None]] | None = None
 
@@ -189,6 +194,9 @@ class LayerJacobian(OutputJacobian):
     @staticmethod
     def _layer_scalar(inv_precision: Tensor, sl: slice) -> Tensor | None:
         """The layer's inverse precision as ``(T, 1, 1)`` if constant over ``sl``, else ``None``."""
+        constant = row_constant(inv_precision)
+        if constant is not None:
+            return constant.unsqueeze(-1)
         block = inv_precision[:, sl]
         first = block[:, :1]
         if not torch.equal(block, first.expand_as(block)):
@@ -278,15 +286,15 @@ class LayerJacobian(OutputJacobian):
         return torch.cat(cols, dim=-1)
 
 
-def _output_factor(inputs: CurvatureInputs, f: Tensor) -> Tensor | None:
-    """``L`` with ``Λ = L Lᵀ`` per point, ``(T, N, C, K)``; ``None`` for the identity."""
-    likelihood = getattr(inputs.density, "likelihood", None)
-    if likelihood is None:
+def _output_factor(inputs: CurvatureInputs, phi: Tensor, f: Tensor) -> Tensor:
+    """``L`` with ``Λ = L Lᵀ`` per point, ``(T, N, C, K)``."""
+    output_factor = getattr(inputs.density, "output_factor", None)
+    if output_factor is None:
         raise ModelContractError(
             "GGN, diagonal and K-FAC curvature need the model's likelihood (a hierbayes "
             "TaskModel, e.g. NeuralRegression); for another Pyro program use curvature='full'"
         )
-    factor: Tensor | None = likelihood.output_factor(f, inputs.params)
+    factor: Tensor = output_factor(inputs.params, phi, f)
     return factor
 
 
@@ -329,17 +337,21 @@ def output_jacobian(
             "layer-wise Jacobians need a Linear/Conv2d stack without batch norm (batch "
             "statistics couple the points); use method='autograd'"
         )
+    key = (id(x), whiten, "layers" if use_layers else "autograd", id(mask))
+    if key in inputs.cache:
+        cached_jac, cached_f = inputs.cache[key]
+        return cached_jac, cached_f  # type: ignore[return-value]
     with torch.enable_grad():
         if not phi.requires_grad:
             phi = phi.detach().requires_grad_(True)
         if use_layers:
-            f, records = network.forward_with_records(phi, x)
+            f, records = density.outputs_with_records(inputs.params, phi, x)  # type: ignore[attr-defined]
         else:
-            f, records = network(phi, x), []
+            f, records = density.outputs(inputs.params, phi, x), []  # type: ignore[attr-defined]
         T, N = f.shape[:2]
         f3 = f.reshape(T, N, -1)
         C = f3.shape[-1]
-        factor = _output_factor(inputs, f3) if whiten else None
+        factor = _output_factor(inputs, phi, f3) if whiten else None
         if use_layers:
             outs = [r.outputs for r in records]
             per_output = []
@@ -362,7 +374,7 @@ def output_jacobian(
                     g = g.detach()
                 gtilde.append(g)
             jac: OutputJacobian = LayerJacobian(
-                [_detach_record(r) if not cg else r for r in records], gtilde, network.layout
+                [_detach_record(r) if not cg else r for r in records], gtilde, network.layout, phi.shape[1]
             )
         else:
             R = N * C

@@ -12,33 +12,24 @@ with respect to its pre-activation, over the task's ``N`` points:
 
 exact for one data point. ``Conv2d`` layers use the patch formulation of Grosse & Martens
 (2016): the sums run over points and spatial positions and :math:`c = N\cdot|P|`. The prior
-precision :math:`\tau_l` (constant within a layer) is added exactly. Two representations of
-:math:`c\,\bar G\otimes\bar A + \tau I`, chosen per layer:
+precision :math:`\tau_l` (constant within a layer) is added exactly through the factors'
+eigendecompositions :math:`\bar A = U_A\operatorname{diag}(\alpha)U_A^\top`,
+:math:`\bar G = U_G\operatorname{diag}(\gamma)U_G^\top`:
 
-* **low rank** (``Linear`` layers of few-shot tasks): :math:`\bar A = \tilde A^\top\tilde A/N`
-  and :math:`\bar G = \tilde\Gamma\tilde\Gamma^\top/N` have ranks at most ``N`` and ``N·K``, so
-  :math:`c\,\bar G\otimes\bar A = ZZ^\top` with :math:`Z = \sqrt c\,(\tilde\Gamma\otimes\tilde A^\top)/N`
-  of ``N²K`` columns, and
+.. math::
 
-  .. math::
+    \log\det(c\,\bar G\otimes\bar A + \tau I) = \sum_k\sum_i \log(c\,\gamma_k\alpha_i + \tau)
 
-      \log\det(ZZ^\top + \tau I) = D_l\log\tau + \log\det(I + Z^\top Z/\tau),\quad
-      Z^\top Z = \tfrac{c}{N^2}(\tilde\Gamma^\top\tilde\Gamma)\otimes(\tilde A\tilde A^\top),
+(MATH.md §4), and solves act on the ``out x in'`` weight matrix ``[W | b]`` as
+:math:`Y = U_G[(U_G^\top V U_A) \oslash (c\gamma\alpha^\top + \tau)]U_A^\top`.
 
-  with Woodbury solves; every step is a Cholesky factorisation, so gradients are exact even
-  though the factors are singular;
-* **eigen** (convolutions, or too many columns): with
-  :math:`\bar A = U_A\operatorname{diag}(\alpha)U_A^\top`, :math:`\bar G = U_G\operatorname{diag}(\gamma)U_G^\top`,
-
-  .. math::
-
-      \log\det(c\,\bar G\otimes\bar A + \tau I) = \sum_k\sum_i \log(c\,\gamma_k\alpha_i + \tau)
-
-  (MATH.md §4) and solves act on the ``out x in`` weight matrix as
-  :math:`U_G[(U_G^\top V U_A) \oslash (c\gamma\alpha^\top + \tau)]U_A^\top`. The log
-  determinant's gradient is exact; gradients of solves go through eigenvectors and use
-  :func:`~hierbayes.inference.curvature.linalg.symmetric_eigh` (approximate inside degenerate
-  eigenspaces).
+**Gradients.** Few-shot factors are singular (rank at most ``N`` and ``N·K``), so their null
+spaces hold many equal eigenvalues and ``eigh``'s eigenvector gradient (which divides by
+eigenvalue gaps) is NaN. Nothing here differentiates eigenvectors: the log determinant
+uses eigenvalues only (whose gradient is exact), and a solve :math:`Y = H^{-1}V` has the
+custom backward :math:`\bar V = W`, :math:`\bar A = -c\,W^\top \bar G Y`,
+:math:`\bar G = -c\,W \bar A Y^\top`, :math:`\bar\tau = -\langle W, Y\rangle` with
+:math:`W = H^{-1}\bar Y` (from :math:`dY = -H^{-1}\,dH\,Y`), exact whatever the spectrum.
 
 Parameters of no ``Linear``/``Conv2d`` layer (batch norm) keep only the prior precision, as in
 the paper.
@@ -46,20 +37,17 @@ the paper.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from hierbayes.errors import ModelContractError
-from hierbayes.inference.curvature.base import CurvatureEstimate, CurvatureInputs, cholesky_logdet, safe_cholesky
+from hierbayes.inference.curvature.base import CurvatureEstimate, CurvatureInputs, row_constant
 from hierbayes.inference.curvature.jacobian import LayerJacobian, output_jacobian
-from hierbayes.inference.curvature.linalg import symmetric_eigh
 
-__all__ = ["EigenKroneckerBlock", "KFACCurvature", "KroneckerBlock", "LowRankKroneckerBlock", "kfac"]
-
-#: Largest number of low-rank columns ``N²K`` for which a Linear layer uses the low-rank form.
-LOW_RANK_LIMIT = 400
-
+__all__ = ["EigenKroneckerBlock", "KFACCurvature", "KroneckerBlock", "kfac"]
 
 class KroneckerBlock:
     r"""One layer's :math:`c\,\bar G\otimes\bar A + \tau I`, acting on ``[W | b]`` (``out x in'``)."""
@@ -99,98 +87,111 @@ class KroneckerBlock:
         raise NotImplementedError
 
 
-class LowRankKroneckerBlock(KroneckerBlock):
-    r""":math:`ZZ^\top + \tau I` with :math:`Z = \sqrt c\,(\tilde\Gamma\otimes\tilde A^\top)/N`."""
+class _KroneckerSolve(torch.autograd.Function):
+    """``Y = (c G⊗A + τI)^{-1} V`` on ``(T, S, out, in')`` matrices, with the exact backward."""
 
-    def __init__(
-        self, weight: slice, bias: slice | None, out_features: int, damping: Tensor,
-        a_rows: Tensor, g_cols: Tensor, scale: Tensor, count: Tensor,
-    ) -> None:
-        super().__init__(weight, bias, out_features, damping)
-        self.a_rows = a_rows  # (T, N, in')      rows of A~ (mask-weighted)
-        self.g_cols = g_cols  # (T, out, N*K)    columns of Gamma~
-        self.coef = scale.sqrt() / count  # (T,)
-        gram_g = g_cols.transpose(1, 2) @ g_cols  # (T, NK, NK)
-        gram_a = a_rows @ a_rows.transpose(1, 2)  # (T, N, N)
-        T = gram_a.shape[0]
-        ztz = torch.einsum("tij,tkl->tikjl", gram_g, gram_a).reshape(T, gram_g.shape[1] * gram_a.shape[1], -1)
-        ztz = ztz * self.coef[:, None, None].square()
-        self.size = out_features * a_rows.shape[-1]
-        eye = torch.eye(ztz.shape[-1], dtype=ztz.dtype, device=ztz.device)
-        self.inner = ztz + damping[:, None, None] * eye  # tau I + Z^T Z
-        self.chol = safe_cholesky(self.inner, "the K-FAC low-rank block")
+    @staticmethod
+    def forward(ctx: Any, V: Tensor, A: Tensor, G: Tensor, c: Tensor, tau: Tensor, block: EigenKroneckerBlock) -> Tensor:  # type: ignore[override]
+        Y = block.solve_detached(V)
+        ctx.save_for_backward(A, G, c, tau, Y)
+        ctx.block = block
+        return Y
 
-    def _zt(self, m: Tensor) -> Tensor:
-        """:math:`Z^\\top\\operatorname{vec}(M)`: ``(T, S, out, in')`` to ``(T, NK*N, S)``."""
-        T, S = m.shape[:2]
-        u = self.g_cols.transpose(1, 2).unsqueeze(1) @ m @ self.a_rows.transpose(1, 2).unsqueeze(1)  # (T,S,NK,N)
-        return (self.coef[:, None, None, None] * u).reshape(T, S, -1).transpose(1, 2)
+    @staticmethod
+    def backward(ctx: Any, grad_Y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+        A, G, c, tau, Y = ctx.saved_tensors
+        W = ctx.block.solve_detached(grad_Y)
+        cc = c[:, None, None]
+        grad_A = -cc * (W.transpose(-1, -2) @ G.unsqueeze(1) @ Y).sum(1)
+        grad_G = -cc * (W @ A.unsqueeze(1) @ Y.transpose(-1, -2)).sum(1)
+        inner = (W * Y).sum((1, 2, 3))
+        grad_tau = -inner
+        grad_c = -((W @ A.unsqueeze(1)) * (G.unsqueeze(1) @ Y)).sum((1, 2, 3))
+        return W, 0.5 * (grad_A + grad_A.transpose(-1, -2)), 0.5 * (grad_G + grad_G.transpose(-1, -2)), grad_c, grad_tau, None
 
-    def _z(self, u: Tensor) -> Tensor:
-        """:math:`Z u`: ``(T, NK*N, S)`` to ``(T, S, out, in')``."""
-        T, _, S = u.shape
-        nk, n = self.g_cols.shape[-1], self.a_rows.shape[1]
-        um = u.transpose(1, 2).reshape(T, S, nk, n)
-        out = self.g_cols.unsqueeze(1) @ um @ self.a_rows.unsqueeze(1)
-        return self.coef[:, None, None, None] * out
 
-    def logdet(self) -> Tensor:
-        tau = self.damping
-        r = self.inner.shape[-1]
-        # det(ZZ^T + tau I_D) = tau^(D - r) det(tau I_r + Z^T Z)
-        return (self.size - r) * tau.log() + cholesky_logdet(self.chol)
+def _factor_spectrum(rows: Tensor, count: Tensor) -> Tensor:
+    r"""Eigenvalues of :math:`R^\top R/c` from the smaller of :math:`R^\top R` and :math:`RR^\top`.
 
-    def multiply(self, m: Tensor, power: float) -> Tensor:
-        tau = self.damping[:, None, None, None]
-        if power == 1.0:
-            return self._z(self._zt(m)) + tau * m
-        w = torch.cholesky_solve(self._zt(m), self.chol)
-        return (m - self._z(w)) / tau
-
-    def sample_matrix(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
-        T = self.a_rows.shape[0]
-        shape = (T, num_samples, self.out_features, self.a_rows.shape[-1])
-        ref = self.a_rows
-        z = torch.randn(shape, generator=generator, dtype=ref.dtype).to(ref.device)
-        e = torch.randn(T, self.inner.shape[-1], num_samples, generator=generator, dtype=ref.dtype).to(ref.device)
-        rhs = self.damping.sqrt()[:, None, None, None] * z + self._z(e)
-        return self.multiply(rhs, -1.0)
+    ``rows`` is ``(T, n, d)``; the result has ``min(n, d)`` values per task (the other
+    eigenvalues are zero). Only eigenvalues are differentiated, whose gradient is exact even
+    when they repeat.
+    """
+    n, d = rows.shape[-2:]
+    gram = rows @ rows.transpose(-1, -2) if n < d else rows.transpose(-1, -2) @ rows
+    return torch.linalg.eigvalsh(gram) / count[:, None]
 
 
 class EigenKroneckerBlock(KroneckerBlock):
-    r""":math:`(U_G\otimes U_A)\operatorname{diag}(c\gamma\alpha^\top+\tau)(U_G\otimes U_A)^\top`."""
+    r""":math:`c\,\bar G\otimes\bar A + \tau I` with :math:`\bar A = \tilde A^\top\tilde A/c`,
+    :math:`\bar G = \tilde\Gamma^\top\tilde\Gamma/c` given by their rows.
+
+    The log determinant needs only the factors' nonzero eigenvalues, taken from the smaller
+    Gram matrices (``N x N`` for a few-shot linear layer); solves and draws use the full
+    eigendecompositions, computed when first needed.
+    """
 
     def __init__(
         self, weight: slice, bias: slice | None, out_features: int, damping: Tensor,
-        A: Tensor, G: Tensor, scale: Tensor,
+        a_rows: Tensor, g_rows: Tensor, count: Tensor,
     ) -> None:
         super().__init__(weight, bias, out_features, damping)
-        self.scale = scale
-        self.evals_a, self.evecs_a = symmetric_eigh(A)
-        self.evals_g, self.evecs_g = symmetric_eigh(G)
+        self.a_rows, self.g_rows, self.scale = a_rows, g_rows, count
+        self.in_features = a_rows.shape[-1]
+        self._eigen: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
-    def spectrum(self) -> Tensor:
-        """:math:`c\\gamma_k\\alpha_i + \\tau`, ``(T, out, in')``."""
-        return (
-            self.scale[:, None, None] * self.evals_g.unsqueeze(-1) * self.evals_a.unsqueeze(-2)
-            + self.damping[:, None, None]
-        )
+    @property
+    def A(self) -> Tensor:
+        return self.a_rows.transpose(-1, -2) @ self.a_rows / self.scale[:, None, None]
+
+    @property
+    def G(self) -> Tensor:
+        return self.g_rows.transpose(-1, -2) @ self.g_rows / self.scale[:, None, None]
 
     def logdet(self) -> Tensor:
-        return self.spectrum().log().sum((-1, -2))
+        alpha = _factor_spectrum(self.a_rows, self.scale)  # (T, m_a)
+        gamma = _factor_spectrum(self.g_rows, self.scale)  # (T, m_g)
+        c, tau = self.scale, self.damping
+        pairs = torch.log(c[:, None, None] * gamma.unsqueeze(-1) * alpha.unsqueeze(-2) + tau[:, None, None])
+        rest = self.out_features * self.in_features - alpha.shape[-1] * gamma.shape[-1]
+        return pairs.sum((-1, -2)) + rest * tau.log()
+
+    def eigen(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Detached ``(alpha, U_A, gamma, U_G)`` of the full factors."""
+        if self._eigen is None:
+            evals_a, evecs_a = torch.linalg.eigh(self.A.detach())
+            evals_g, evecs_g = torch.linalg.eigh(self.G.detach())
+            self._eigen = (evals_a, evecs_a, evals_g, evecs_g)
+        return self._eigen
+
+    def spectrum(self) -> Tensor:
+        """:math:`c\\gamma_k\\alpha_i + \\tau`, ``(T, out, in')``, detached."""
+        evals_a, _, evals_g, _ = self.eigen()
+        c, tau = self.scale.detach(), self.damping.detach()
+        return c[:, None, None] * evals_g.unsqueeze(-1) * evals_a.unsqueeze(-2) + tau[:, None, None]
 
     def _rotate(self, m: Tensor, inverse: bool) -> Tensor:
-        ug, ua = self.evecs_g.unsqueeze(1), self.evecs_a.unsqueeze(1)
+        _, evecs_a, _, evecs_g = self.eigen()
+        ug, ua = evecs_g.unsqueeze(1), evecs_a.unsqueeze(1)
         return ug @ m @ ua.transpose(-1, -2) if inverse else ug.transpose(-1, -2) @ m @ ua
 
+    def solve_detached(self, m: Tensor) -> Tensor:
+        """:math:`H^{-1}M` with every factor detached (used inside the custom backward)."""
+        return self._rotate(self._rotate(m, False) / self.spectrum().unsqueeze(1), True)
+
     def multiply(self, m: Tensor, power: float) -> Tensor:
-        return self._rotate(self._rotate(m, False) * self.spectrum().unsqueeze(1) ** power, True)
+        if power == 1.0:
+            # (c G⊗A + τI) vec_r(M) = vec_r(c G M A + τ M): exact and differentiable as written
+            c = self.scale[:, None, None, None]
+            return c * (self.G.unsqueeze(1) @ m @ self.A.unsqueeze(1)) + self.damping[:, None, None, None] * m
+        return _KroneckerSolve.apply(m, self.A, self.G, self.scale, self.damping, self)  # type: ignore[no-any-return]
 
     def sample_matrix(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
-        T, out, inp = self.spectrum().shape
-        ref = self.evecs_a
+        spectrum = self.spectrum()
+        T, out, inp = spectrum.shape
+        ref = spectrum
         z = torch.randn(T, num_samples, out, inp, generator=generator, dtype=ref.dtype).to(ref.device)
-        return self._rotate(z * self.spectrum().unsqueeze(1).rsqrt(), True)
+        return self._rotate(z * spectrum.unsqueeze(1).rsqrt(), True)
 
 
 class KFACCurvature(CurvatureEstimate):
@@ -242,6 +243,9 @@ class KFACCurvature(CurvatureEstimate):
 
 
 def _layer_scalar(precision: Tensor, sl: slice, name: str) -> Tensor:
+    constant = row_constant(precision)
+    if constant is not None:
+        return constant.squeeze(-1)
     block = precision[:, sl]
     first = block[:, :1]
     if not torch.equal(block, first.expand_as(block)):
@@ -252,15 +256,11 @@ def _layer_scalar(precision: Tensor, sl: slice, name: str) -> Tensor:
     return first.squeeze(-1)
 
 
-def kfac(inputs: CurvatureInputs, *, representation: str = "auto") -> KFACCurvature:
-    """Build :class:`KFACCurvature` (registered as ``"kfac"``).
-
-    ``representation``: ``"auto"`` (low rank for ``Linear`` layers with at most
-    :data:`LOW_RANK_LIMIT` columns, eigen otherwise), ``"lowrank"`` or ``"eigen"``.
-    """
+def kfac(inputs: CurvatureInputs) -> KFACCurvature:
+    """Build :class:`KFACCurvature` (registered as ``"kfac"``)."""
     jac, _ = output_jacobian(inputs, method="layers")
     assert isinstance(jac, LayerJacobian)
-    P = inputs.prior_precision_matrix()
+    P = inputs.base_precision()
     mask = inputs.mask
     blocks: list[KroneckerBlock] = []
     for rec, g in zip(jac.records, jac.gtilde, strict=True):
@@ -277,7 +277,7 @@ def kfac(inputs: CurvatureInputs, *, representation: str = "auto") -> KFACCurvat
             )
             a = patches.reshape(T, N, patches.shape[1], -1).transpose(2, 3)  # (T, N, positions, in*k*k)
             gg = g.reshape(T, N, g.shape[2], g.shape[3], -1).transpose(3, 4)  # (T, N, K, positions, out)
-        positions, K = a.shape[2], gg.shape[2]
+        positions = a.shape[2]
         if rec.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         count = weights.sum(1).clamp_min(1.0) * positions  # (T,) = c
@@ -286,18 +286,8 @@ def kfac(inputs: CurvatureInputs, *, representation: str = "auto") -> KFACCurvat
         tau = _layer_scalar(P, ws, rec.weight)
         if bs is not None and not torch.equal(_layer_scalar(P, bs, rec.bias or ""), tau):
             raise ModelContractError(f"K-FAC needs one prior precision per layer; {rec.weight} and {rec.bias} differ")
-        out = gg.shape[-1]
-        low_rank_cols = N * positions * N * positions * K
-        use_low_rank = representation == "lowrank" or (
-            representation == "auto" and positions == 1 and low_rank_cols <= LOW_RANK_LIMIT
-        )
-        if use_low_rank:
-            a_rows = (a * weights.sqrt()[:, :, None, None]).reshape(T, N * positions, -1)
-            g_cols = gg.permute(0, 4, 1, 2, 3).reshape(T, out, -1)
-            blocks.append(LowRankKroneckerBlock(ws, bs, out, tau, a_rows, g_cols, count, count))
-        else:
-            aw = a * weights[:, :, None, None]
-            A = torch.einsum("tnpi,tnpj->tij", aw, a) / count[:, None, None]
-            G = torch.einsum("tnkpo,tnkpq->toq", gg, gg) / count[:, None, None]
-            blocks.append(EigenKroneckerBlock(ws, bs, out, tau, A, G, count))
+        # rows whose Gram matrices are c·A and c·G (masked points weigh zero)
+        a_rows = (a * weights.sqrt()[:, :, None, None]).reshape(T, -1, a.shape[-1])
+        g_rows = gg.reshape(T, -1, gg.shape[-1])
+        blocks.append(EigenKroneckerBlock(ws, bs, gg.shape[-1], tau, a_rows, g_rows, count))
     return KFACCurvature(blocks, P)
