@@ -6,7 +6,7 @@ loop a Pyro guide, and adds Laplace evidence corrections and Gaussian task poste
 """
 
 from hierbayes import inference, models, tasks
-from hierbayes.errors import HierbayesError, ModelContractError, TaskDataError
+from hierbayes.errors import HierbayesError, ModelContractError, NumericalError, TaskDataError
 from hierbayes.tasks import SinusoidTasks, TaskBatch, TaskCollection
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HierbayesError",
     "ModelContractError",
+    "NumericalError",
     "SinusoidTasks",
     "TaskBatch",
     "TaskCollection",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["HierbayesError", "ModelContractError", "TaskDataError", "check_finite"]
+__all__ = ["HierbayesError", "ModelContractError", "NumericalError", "TaskDataError", "check_finite"]
 
 
 class HierbayesError(Exception):
@@ -24,6 +24,10 @@ class ModelContractError(HierbayesError, ValueError):
     ``pyro.plate("tasks", T)``, and observed sites inside that plate (usually in a nested
     data plate).
     """
+
+
+class NumericalError(HierbayesError, FloatingPointError):
+    """A computation produced non-finite values or lost positive definiteness."""
 
 
 def check_finite(field: str, value: Tensor, *, task_ids: Tensor | None = None) -> None:

@@ -281,3 +281,20 @@ def test_per_task_noise_gets_its_fisher_information() -> None:
     J = torch.stack([torch.autograd.grad(f[:, n, 0].sum(), phi_net, retain_graph=True)[0] for n in range(5)], 1)
     expected = J.transpose(1, 2) @ J / sigma[:, None, None] ** 2 + torch.diag_embed(P[:-1].expand(3, -1))
     assert_close(H[:, :-1, :-1], expected, **TOL)
+
+
+def test_eigenvalue_floor_is_differentiable_even_when_eigenvalues_repeat() -> None:
+    from hierbayes.inference.curvature.full import clamp_eigenvalues
+
+    torch.manual_seed(0)
+    A = torch.randn(2, 5, 5)
+    A = (A + A.transpose(1, 2)).requires_grad_(True)
+    floor = torch.tensor([0.5, 1.0], requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, f: clamp_eigenvalues(0.5 * (a + a.transpose(1, 2)), f), (A, floor))
+    # several eigenvalues raised to one floor: eigh's own backward would divide by zero gaps
+    B = torch.diag(torch.tensor([-3.0, -2.0, -2.5, 0.0, 5.0, 7.0])).unsqueeze(0).requires_grad_(True)
+    out = torch.logdet(clamp_eigenvalues(B, torch.tensor([1.0]))[0])
+    (grad,) = torch.autograd.grad(out, B)
+    assert bool(torch.isfinite(grad).all())
+    # d logdet / dB on the unclamped eigen-directions is 1/lambda, zero on the clamped ones
+    assert_close(grad[0].diagonal(), torch.tensor([0.0, 0.0, 0.0, 0.0, 1 / 5, 1 / 7]))

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from hierbayes.inference import FitResult, GaussianPrediction  # noqa: E402
 from hierbayes.tasks import SinusoidTasks, TaskBatch  # noqa: E402
 
-__all__ = ["plot_sinusoid_tasks"]
+__all__ = ["plot_ambiguous_tasks", "plot_sinusoid_tasks"]
 
 
 def plot_sinusoid_tasks(
@@ -55,6 +55,55 @@ def plot_sinusoid_tasks(
         if i == 0:
             ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(title or f"{result.method}: {sub.support_x.shape[1]}-shot sinusoid, held-out tasks")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_ambiguous_tasks(
+    result: FitResult,
+    maml: FitResult | None,
+    path: str | Path,
+    *,
+    shots: tuple[int, ...] = (2, 3, 4, 5),
+    num_samples: int = 12,
+    level: float = 0.9,
+    seed: int = 0,
+) -> Path:
+    """Held-out tasks with only 2 to 5 support points: the Laplace predictive band and sampled
+    functions around the true curve, next to MAML's single adapted curve (Grant et al. 2018,
+    Figure 2 in spirit)."""
+    generator = torch.Generator().manual_seed(20180430 + seed)
+    fig, axes = plt.subplots(1, len(shots), figsize=(4 * len(shots), 3.4), squeeze=False)
+    grid = torch.linspace(-5, 5, 200, dtype=torch.get_default_dtype())
+    for ax, k in zip(axes.flat, shots, strict=True):
+        task = SinusoidTasks(shots=k, query_shots=1).sample(1, generator=generator)
+        x = grid.reshape(1, -1, 1)
+        truth = SinusoidTasks.function(x, task.info["amplitude"], task.info["phase"])
+        posterior = result.adapt(task)
+        prediction = posterior.predict(x.to(result.device))
+        ax.plot(grid, truth[0, :, 0], color="black", lw=1.5, label="true function")
+        if isinstance(prediction, GaussianPrediction):
+            lo, hi = prediction.interval(level)
+            ax.fill_between(grid, lo[0, :, 0].cpu(), hi[0, :, 0].cpu(), color="tab:red", alpha=0.15, label=f"{result.method} {level:.0%} predictive")
+        ax.plot(grid, prediction.mean[0, :, 0].cpu(), color="tab:red", lw=1.5, label=f"{result.method} mean")
+        if hasattr(posterior, "curvature"):
+            draws = posterior.sample(num_samples, generator=torch.Generator().manual_seed(seed + k))
+            with torch.no_grad():
+                f = posterior.density.outputs(posterior.params, draws[:, 0], x.expand(num_samples, -1, -1).to(result.device))  # type: ignore[attr-defined]
+            for s in range(num_samples):
+                ax.plot(grid, f[s, :, 0].cpu(), color="tab:red", lw=0.6, alpha=0.35, label="posterior samples" if s == 0 else None)
+        if maml is not None:
+            maml_pred = maml.adapt(task).predict(x.to(maml.device))
+            ax.plot(grid, maml_pred.mean[0, :, 0].cpu(), color="tab:blue", lw=1.5, ls="--", label="MAML (one curve)")
+        ax.scatter(task.support_x[0, :, 0], task.support_y[0, :, 0], color="black", zorder=5, s=22, label="support points")
+        ax.set_title(f"{k} support points, amplitude {float(task.info['amplitude'][0]):.2f}", fontsize=10)
+        ax.set_ylim(-7, 7)
+        if k == shots[0]:
+            ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("ambiguous tasks: Laplace posterior predictive vs MAML's point estimate")
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)

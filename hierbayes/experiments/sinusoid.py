@@ -8,7 +8,10 @@ with two baselines:
 * **pretrain + fine-tune**: a network trained on the pooled tasks (``fit`` with zero inner
   steps), then fine-tuned on each support set with the same inner steps.
 
-Writes ``metrics.json`` and a figure of a few held-out tasks into the output folder.
+A LLAMA run also meta-trains MAML with the same budget and reports the paired, per-task
+differences; every run reports the predictive NLL and interval coverage, overall and by
+amplitude tercile (where miscalibration hides). Writes ``metrics.json`` and figures into the
+output folder.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-from hierbayes.inference import TaskMetrics, fit, mean_ci95
+from hierbayes.inference import FitResult, TaskMetrics, fit, mean_ci95
 from hierbayes.models import NeuralRegression
 from hierbayes.tasks import SinusoidTasks, TaskBatch
 
@@ -32,7 +35,6 @@ __all__ = [
     "coverage_by_amplitude",
     "evaluation_tasks",
     "format_report",
-    "paired_difference",
     "run_sinusoid",
 ]
 
@@ -51,6 +53,8 @@ class SinusoidConfig:
     meta_batch_size: int = 25
     inner_steps: int = 1
     inner_lr: float = 0.01
+    #: "fixed" (MAML), "scalar" or "per_parameter" (Meta-SGD's learned diagonal preconditioner).
+    learn_step_size: str = "fixed"
     lr: float = 1e-3
     eval_tasks: int = 600
     pretrain_steps: int | None = None
@@ -58,7 +62,18 @@ class SinusoidConfig:
     device: str = "cpu"
     plot_tasks: int = 4
     progress: bool = True
+    per_task_noise: bool = False
+    #: Initial prior scale s of p(phi | theta) = N(theta, s^2 I) (prior precision 1/s^2).
+    prior_scale: float = 0.1
+    #: Learn s as a global latent (for LLAMA's predictive and evidence objectives, whose prior
+    #: terms pull against the log determinant; the paper's loss would collapse it).
+    learn_prior_scale: bool = True
+    #: LLAMA's options: ``objective``, ``curvature``, ``eta``, ``curvature_data``, ``damping``.
     method_options: dict[str, Any] = field(default_factory=dict)
+    #: For methods other than MAML: also meta-train MAML and report paired differences.
+    compare_maml: bool = True
+    #: Predictive samples for the sampled Laplace predictive (0 skips it).
+    predictive_samples: int = 100
 
     @property
     def step_size(self) -> float:
@@ -68,8 +83,15 @@ class SinusoidConfig:
         return 2.0 * self.inner_lr / self.shots
 
 
-def _model() -> NeuralRegression:
-    return NeuralRegression()
+def _model(config: SinusoidConfig, method: str) -> NeuralRegression:
+    learn = (
+        config.learn_prior_scale
+        and method == "llama"
+        and config.method_options.get("objective", "predictive") != "paper"
+    )
+    return NeuralRegression(
+        per_task_noise=config.per_task_noise, prior_scale=config.prior_scale, learn_prior_scale=learn
+    )
 
 
 def evaluation_tasks(config: SinusoidConfig, num_tasks: int | None = None, shots: int | None = None) -> TaskBatch:
@@ -79,15 +101,14 @@ def evaluation_tasks(config: SinusoidConfig, num_tasks: int | None = None, shots
 
 
 def coverage_by_amplitude(metrics: TaskMetrics, amplitude: torch.Tensor) -> dict[str, Any]:
-    """Interval coverage within amplitude terciles of the held-out tasks."""
+    """Interval coverage and NLL within amplitude terciles of the held-out tasks."""
     if not metrics.coverage:
         return {}
     edges = torch.quantile(amplitude.double(), torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
     groups = torch.bucketize(amplitude.double(), edges)
     out: dict[str, Any] = {}
-    names = ["low", "mid", "high"]
     bounds = [float(amplitude.min()), float(edges[0]), float(edges[1]), float(amplitude.max())]
-    for g, name in enumerate(names):
+    for g, name in enumerate(["low", "mid", "high"]):
         sel = groups == g
         out[name] = {
             "amplitude_range": [round(bounds[g], 3), round(bounds[g + 1], 3)],
@@ -98,70 +119,105 @@ def coverage_by_amplitude(metrics: TaskMetrics, amplitude: torch.Tensor) -> dict
     return out
 
 
-def _summary(metrics: TaskMetrics) -> dict[str, Any]:
-    return metrics.summary()
-
-
-def run_sinusoid(config: SinusoidConfig, out: str | Path | None = None) -> dict[str, Any]:
-    """Run the benchmark; return the metrics (also written to ``out/metrics.json``)."""
-    source = SinusoidTasks(shots=config.shots, query_shots=config.query_shots)
-    started = time.perf_counter()
-    result = fit(
-        _model(), source, method=config.method, meta_steps=config.meta_steps,
-        meta_batch_size=config.meta_batch_size, inner_steps=config.inner_steps,
-        step_size=config.step_size, lr=config.lr, seed=config.seed, device=config.device,
-        progress=config.progress, **config.method_options,
+def _fit(config: SinusoidConfig, method: str, *, inner_steps: int, steps: int, seed: int, **options: Any) -> FitResult:
+    return fit(
+        _model(config, method), SinusoidTasks(shots=config.shots, query_shots=config.query_shots),
+        method=method, meta_steps=steps, meta_batch_size=config.meta_batch_size,
+        inner_steps=inner_steps, step_size=config.step_size, lr=config.lr, seed=seed,
+        learn_step_size=config.learn_step_size if inner_steps > 0 else "fixed",
+        device=config.device, progress=config.progress, **options,
     )
+
+
+def _report(metrics: TaskMetrics, test: TaskBatch) -> dict[str, Any]:
+    summary = metrics.summary()
+    summary["coverage_by_task"] = coverage_by_amplitude(metrics, test.info["amplitude"])
+    return summary
+
+
+def run_sinusoid(
+    config: SinusoidConfig,
+    out: str | Path | None = None,
+    *,
+    maml_result: FitResult | None = None,
+    pretrained_result: FitResult | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; return the metrics (also written to ``out/metrics.json``).
+
+    ``maml_result`` and ``pretrained_result``: an already meta-trained MAML and pooled
+    pretraining of the same settings, reused instead of trained again. The returned dict also
+    holds the fitted results under ``"_results"`` (not serialised).
+    """
+    started = time.perf_counter()
+    result = _fit(config, config.method, inner_steps=config.inner_steps, steps=config.meta_steps, seed=config.seed, **config.method_options)
     train_seconds = time.perf_counter() - started
     test = evaluation_tasks(config)
     metrics = result.evaluate(test)
     no_adapt = result.evaluate(test, inner_steps=0)
 
     pretrain_steps = config.pretrain_steps if config.pretrain_steps is not None else config.meta_steps
-    pretrained = fit(
-        _model(), source, method="maml", meta_steps=pretrain_steps,
-        meta_batch_size=config.meta_batch_size, inner_steps=0, step_size=config.step_size,
-        lr=config.lr, seed=config.seed + 1, device=config.device, progress=config.progress,
-    )
+    pretrained = pretrained_result or _fit(config, "maml", inner_steps=0, steps=pretrain_steps, seed=config.seed + 1)
     finetuned = pretrained.evaluate(test, inner_steps=config.inner_steps)
 
-    summary = _summary(metrics)
+    summary = _report(metrics, test)
     report: dict[str, Any] = {
         "method": config.method,
+        **({"objective": config.method_options.get("objective", "predictive"), "curvature": config.method_options.get("curvature", "ggn")} if config.method == "llama" else {}),
         "shots": config.shots,
         "query_shots": config.query_shots,
         "meta_steps": config.meta_steps,
         "eval_tasks": config.eval_tasks,
         "seed": config.seed,
+        "per_task_noise": config.per_task_noise,
+        "learn_step_size": config.learn_step_size,
         "mse": summary["mse"],
         "nll": summary["nll"],
         "coverage": summary.get("coverage", {}),
-        "coverage_by_task": coverage_by_amplitude(metrics, test.info["amplitude"]),
+        "coverage_by_task": summary["coverage_by_task"],
         "baselines": {
-            "no_adaptation": _summary(no_adapt),
-            "pretrain_finetune": {**_summary(finetuned), "pretrain_steps": pretrain_steps},
+            "no_adaptation": _report(no_adapt, test),
+            "pretrain_finetune": {**_report(finetuned, test), "pretrain_steps": pretrain_steps},
         },
-        "learned": {
-            name: (value.tolist() if value.numel() == 1 else f"tensor of shape {tuple(value.shape)}")
-            for name, value in result.params.items()
-        },
-        "final_loss": float(sum(result.history[-100:]) / max(1, len(result.history[-100:]))),
-        "train_seconds": round(train_seconds, 2),
-        "seconds_per_meta_step": result.wall_time / max(1, config.meta_steps),
-        "config": {k: v for k, v in asdict(config).items() if k != "progress"},
-        "evaluation_seed": EVAL_SEED,
     }
+    results: dict[str, FitResult] = {config.method: result, "pretrained": pretrained}
+    if config.method == "llama" and config.predictive_samples > 0:
+        sampled = result.evaluate(test, method="sampled", num_samples=config.predictive_samples, generator=torch.Generator().manual_seed(config.seed))
+        report["sampled_predictive"] = {**_report(sampled, test), "num_samples": config.predictive_samples}
+    if config.method != "maml" and config.compare_maml:
+        maml = maml_result or _fit(config, "maml", inner_steps=config.inner_steps, steps=config.meta_steps, seed=config.seed)
+        results["maml"] = maml
+        maml_metrics = maml.evaluate(test)
+        report["baselines"]["maml"] = _report(maml_metrics, test)
+        assert metrics.mse is not None and maml_metrics.mse is not None
+        report["paired_vs_maml"] = {
+            "nll": mean_ci95(metrics.nll - maml_metrics.nll),
+            "mse": mean_ci95(metrics.mse - maml_metrics.mse),
+            "note": f"per-task differences {config.method} minus MAML on the same {config.eval_tasks} tasks",
+        }
+    report["learned"] = {
+        name: (value.tolist() if value.numel() == 1 else f"tensor of shape {tuple(value.shape)}")
+        for name, value in result.params.items()
+    }
+    report["final_loss"] = float(sum(result.history[-100:]) / max(1, len(result.history[-100:])))
+    report["train_seconds"] = round(train_seconds, 2)
+    report["seconds_per_meta_step"] = result.wall_time / max(1, config.meta_steps)
+    report["config"] = {k: v for k, v in asdict(config).items() if k != "progress"}
+    report["evaluation_seed"] = EVAL_SEED
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         if config.plot_tasks > 0:
-            from hierbayes.experiments.plots import plot_sinusoid_tasks
+            from hierbayes.experiments.plots import plot_ambiguous_tasks, plot_sinusoid_tasks
 
-            report["figure"] = str(
-                plot_sinusoid_tasks(result, test, folder / "sinusoid_tasks.png", num_tasks=config.plot_tasks)
-            )
+            report["figures"] = [
+                str(plot_sinusoid_tasks(result, test, folder / "sinusoid_tasks.png", num_tasks=config.plot_tasks))
+            ]
+            if config.method != "maml":
+                report["figures"].append(
+                    str(plot_ambiguous_tasks(result, results.get("maml"), folder / "ambiguous_tasks.png", seed=config.seed))
+                )
         (folder / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    report["_result"] = result
+    report["_results"] = results
     return report
 
 
@@ -174,36 +230,43 @@ def _json_default(value: Any) -> Any:
 
 
 def format_report(reports: list[dict[str, Any]]) -> str:
-    """A side-by-side table of query MSE (with 95% intervals), NLL and coverage."""
+    """A side-by-side table of query MSE and NLL (with 95% intervals) and coverage."""
 
     def cell(m: dict[str, Any]) -> str:
         return f"{m['mean']:.3f} ± {m['ci95']:.3f}"
 
-    lines = []
     first = reports[0]
-    lines.append(
+    lines = [
         f"sinusoid, {first['shots']}-shot, {first['eval_tasks']} held-out tasks "
-        f"(mean over tasks ± 95% interval)"
-    )
-    header = f"{'':28s} {'query MSE':>18s} {'NLL / point':>18s} {'cover 50%':>10s} {'cover 90%':>10s}"
-    lines.append(header)
-    lines.append("-" * len(header))
+        "(mean over tasks ± 95% interval; coverage of central predictive intervals)"
+    ]
+    header = f"{'':34s} {'query MSE':>16s} {'NLL / point':>16s} {'cover 50%':>9s} {'cover 90%':>9s} {'90% low/mid/high amplitude':>28s}"
+    lines += [header, "-" * len(header)]
 
     def row(name: str, m: dict[str, Any]) -> str:
         cov = m.get("coverage", {})
+        by_task = m.get("coverage_by_task", {})
+        terciles = "/".join(f"{by_task[t]['0.9']:.2f}" for t in ("low", "mid", "high")) if by_task else ""
         return (
-            f"{name:28s} {cell(m['mse']):>18s} {cell(m['nll']):>18s} "
-            f"{cov.get('0.5', float('nan')):>10.3f} {cov.get('0.9', float('nan')):>10.3f}"
+            f"{name:34s} {cell(m['mse']):>16s} {cell(m['nll']):>16s} "
+            f"{cov.get('0.5', float('nan')):>9.3f} {cov.get('0.9', float('nan')):>9.3f} {terciles:>28s}"
         )
 
+    seen_maml = any(r["method"] == "maml" for r in reports)
     for r in reports:
-        lines.append(row(f"{r['method']} ({r['meta_steps']} steps)", r))
-    lines.append(row("no adaptation (θ̂ of " + first["method"] + ")", first["baselines"]["no_adaptation"]))
+        label = r["method"] if r["method"] != "llama" else f"llama ({r.get('objective')}, {r.get('curvature')})"
+        lines.append(row(f"{label}", r))
+        if "sampled_predictive" in r:
+            lines.append(row("  sampled predictive", r["sampled_predictive"]))
+        if "maml" in r["baselines"] and not seen_maml:
+            lines.append(row("maml (same budget)", r["baselines"]["maml"]))
+    lines.append(row(f"no adaptation (θ̂ of {first['method']})", first["baselines"]["no_adaptation"]))
     lines.append(row("pretrain + fine-tune", first["baselines"]["pretrain_finetune"]))
+    for r in reports:
+        if "paired_vs_maml" in r:
+            p = r["paired_vs_maml"]
+            lines.append(
+                f"paired {r['method']} − maml per task: NLL {p['nll']['mean']:+.3f} ± {p['nll']['ci95']:.3f}, "
+                f"MSE {p['mse']['mean']:+.3f} ± {p['mse']['ci95']:.3f}"
+            )
     return "\n".join(lines)
-
-
-def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """Mean and 95% interval of the per-task difference ``a - b``."""
-    return mean_ci95(a - b)
-

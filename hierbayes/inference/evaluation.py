@@ -44,6 +44,17 @@ class TaskMetrics:
     accuracy: Tensor | None = None
     coverage: dict[float, Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def concat(cls, parts: list[TaskMetrics]) -> TaskMetrics:
+        """The metrics of several task batches, one after the other."""
+        first = parts[0]
+        return cls(
+            nll=torch.cat([p.nll for p in parts]),
+            mse=None if first.mse is None else torch.cat([p.mse for p in parts if p.mse is not None]),
+            accuracy=None if first.accuracy is None else torch.cat([p.accuracy for p in parts if p.accuracy is not None]),
+            coverage={lvl: torch.cat([p.coverage[lvl] for p in parts]) for lvl in first.coverage},
+        )
+
     def summary(self) -> dict[str, Any]:
         """Plain-data summary: each metric's mean and 95% interval half-width over tasks."""
         out: dict[str, Any] = {"nll": mean_ci95(self.nll)}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hierbayes.errors import HierbayesError, TaskDataError
+from hierbayes.errors import HierbayesError, NumericalError, TaskDataError
 from hierbayes.inference.evaluation import TaskMetrics, evaluate_posterior
 from hierbayes.inference.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
 from hierbayes.inference.llama import llama_objective, llama_posterior
@@ -210,11 +210,20 @@ class FitResult:
         levels: tuple[float, ...] = (0.5, 0.9),
         *,
         inner_steps: int | None = None,
+        chunk_size: int = 200,
         **kwargs: Any,
     ) -> TaskMetrics:
-        """Per-task query metrics (MSE, NLL per point, interval coverage) after adaptation."""
-        posterior = self.adapt(batch, inner_steps=inner_steps)
-        return evaluate_posterior(posterior, batch.to(self.device), levels=levels, **kwargs)
+        """Per-task query metrics (MSE, NLL per point, interval coverage) after adaptation.
+
+        Tasks are adapted and scored ``chunk_size`` at a time (bounded memory); other keywords
+        go to the posterior's ``predict`` (e.g. ``method="sampled"`` for Laplace posteriors).
+        """
+        parts = []
+        for start in range(0, batch.num_tasks, chunk_size):
+            chunk = batch.select(slice(start, start + chunk_size))
+            posterior = self.adapt(chunk, inner_steps=inner_steps)
+            parts.append(evaluate_posterior(posterior, chunk.to(self.device), levels=levels, **kwargs))
+        return TaskMetrics.concat(parts)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -329,16 +338,22 @@ def fit(
         if step > 0:
             batch = source.sample(meta_batch_size, generator=generator, dtype=dtype).to(dev)
         optim.zero_grad(set_to_none=True)
-        loss = objective.differentiable_loss(model, guide, batch)
-        value = float(loss.detach())
+        try:
+            loss = objective.differentiable_loss(model, guide, batch)
+            value = float(loss.detach())
+            cause = None
+        except NumericalError as err:
+            value, cause = float("nan"), err
         if not math.isfinite(value):
             result.wall_time = time.perf_counter() - start
             raise MetaTrainingDiverged(
-                f"meta-step {step}: the {method} objective is {value}. The parameters are those "
-                f"after step {step - 1} (in the exception's .result). Try a smaller step_size "
-                f"(now {step_size}) or lr (now {lr}), fewer inner_steps, or float64.",
+                f"meta-step {step}: the {method} objective is {value}"
+                + (f" ({cause})" if cause else "")
+                + f". The parameters are those after step {step - 1} (in the exception's "
+                f".result). Try a smaller step_size (now {step_size}) or lr (now {lr}), fewer "
+                "inner_steps, or float64.",
                 result,
-            )
+            ) from cause
         loss.backward()
         optim.step()
         result.history.append(value)

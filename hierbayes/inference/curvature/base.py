@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hierbayes.errors import NumericalError
 from hierbayes.models.contract import TaskDensity
 
 __all__ = ["CurvatureEstimate", "CurvatureInputs", "cholesky_logdet", "row_constant", "safe_cholesky"]
@@ -141,11 +142,12 @@ def cholesky_logdet(chol: Tensor) -> Tensor:
 
 
 def safe_cholesky(matrix: Tensor, what: str) -> Tensor:
-    """Cholesky factor, or a ``ValueError`` naming ``what`` and the first failing task."""
+    """Cholesky factor, or a :class:`~hierbayes.errors.NumericalError` naming ``what`` and the
+    first failing task."""
     chol, info = torch.linalg.cholesky_ex(matrix)
     if bool((info > 0).any()):
         task = int((info > 0).nonzero()[0, 0]) if info.dim() > 0 else 0
-        raise ValueError(
+        raise NumericalError(
             f"{what} is not positive definite for task {task} (Cholesky failed at column "
             f"{int(info.flatten()[task])}); the curvature contains NaN or infinite values or "
             "the prior precision is not positive"

@@ -49,22 +49,25 @@ class GGNCurvature(CurvatureEstimate):
         constant = row_constant(prior_precision)
         self.inv_precision = 1.0 / prior_precision if constant is None else (1.0 / constant).expand_as(prior_precision)
         self._constant = constant
-        gram = jacobian.gram(self.inv_precision)
+        # The R x R system is tiny, so it is factorised in float64: with a small noise scale
+        # its entries reach 1e8, beyond what a float32 Cholesky resolves.
+        gram = jacobian.gram(self.inv_precision).double()
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         self.chol = safe_cholesky(eye + gram, "I + J P^-1 J^T")
+        self.dtype = prior_precision.dtype
 
     def logdet(self) -> Tensor:
         if self._constant is not None:
             prior = self.prior_precision.shape[-1] * self._constant.squeeze(-1).log()
         else:
             prior = self.prior_precision.log().sum(-1)
-        return prior + cholesky_logdet(self.chol)
+        return prior + cholesky_logdet(self.chol).to(self.dtype)
 
     def solve(self, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 2
         b = rhs.unsqueeze(-1) if vector else rhs
         u = self.inv_precision.unsqueeze(-1) * b
-        w = torch.cholesky_solve(self.jacobian.matvec(u), self.chol)
+        w = torch.cholesky_solve(self.jacobian.matvec(u).double(), self.chol).to(self.dtype)
         out = u - self.inv_precision.unsqueeze(-1) * self.jacobian.rmatvec(w)
         return out.squeeze(-1) if vector else out
 
@@ -85,8 +88,8 @@ class GGNCurvature(CurvatureEstimate):
         r""":math:`\operatorname{diag}(J_* \hat H^{-1} J_*^\top)`, ``(T, R_*)``, via Gram matrices only."""
         prior_part = query.gram_diag(self.inv_precision)
         cross = self.jacobian.gram(self.inv_precision, query)  # (T, R, R_*)
-        half = torch.linalg.solve_triangular(self.chol, cross, upper=False)
-        return prior_part - half.square().sum(1)
+        half = torch.linalg.solve_triangular(self.chol, cross.double(), upper=False)
+        return prior_part - half.square().sum(1).to(self.dtype)
 
 
 def ggn(inputs: CurvatureInputs, *, jacobian: str = "auto") -> GGNCurvature:

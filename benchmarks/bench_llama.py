@@ -1,0 +1,122 @@
+"""Meta-step time and peak memory of every LLAMA objective and curvature, beside MAML's.
+
+Workload: the sinusoid benchmark (25 tasks a meta-batch, 10 support + 10 query points, the
+1-40-40-1 ReLU network, one inner step, second order), through ``hierbayes.inference.fit``.
+Each configuration runs in a fresh worker process (so the resident-memory peak is its own),
+rounds are interleaved across configurations, and the median over rounds is reported with
+the ratio to MAML's meta-step time measured in the same round.
+
+Usage::
+
+    python benchmarks/bench_llama.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS: dict[str, dict[str, str]] = {
+    "maml": {},
+    **{
+        f"{objective}-{curvature}": {"objective": objective, "curvature": curvature}
+        for objective in ("paper", "predictive", "evidence")
+        for curvature in ("ggn", "diag", "kfac", "full")
+    },
+}
+
+
+def worker(name: str, steps: int, threads: int) -> None:
+    """Run one configuration and print its figures as JSON (called in a subprocess)."""
+    import torch
+
+    from hierbayes.inference import fit
+    from hierbayes.models import NeuralRegression
+    from hierbayes.tasks import SinusoidTasks
+
+    torch.set_num_threads(threads)
+    options = CONFIGS[name]
+    method = "maml" if not options else "llama"
+    source = SinusoidTasks(shots=10, query_shots=10)
+    model = NeuralRegression(prior_scale=0.1)
+    fit(model, source, method=method, meta_steps=3, step_size=0.002, progress=False, **options)  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = fit(NeuralRegression(prior_scale=0.1), source, method=method, meta_steps=steps, step_size=0.002, progress=False, **options)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"ms_per_step": 1e3 * result.wall_time / steps, "rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--full-steps", type=int, default=10, help="steps for the slow 'full' Hessian configurations")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--only", default=None, help="comma-separated configurations")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.steps, args.threads)
+        return
+    names = list(CONFIGS) if args.only is None else ["maml", *[n for n in args.only.split(",") if n != "maml"]]
+    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    started = time.perf_counter()
+    for r in range(args.rounds):
+        for name in names:
+            steps = args.full_steps if name.endswith("-full") else args.steps
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--threads", str(args.threads)],
+                check=True, capture_output=True, text=True,
+            )
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        maml_ms = runs["maml"][-1]["ms_per_step"]
+        for name in names:
+            ratios[name].append(runs[name][-1]["ms_per_step"] / maml_ms)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {runs[n][-1]['ms_per_step']:.2f}ms" for n in names), flush=True)
+    table = {
+        name: {
+            "ms_per_step": round(statistics.median(x["ms_per_step"] for x in runs[name]), 3),
+            "ratio_to_maml": round(statistics.median(ratios[name]), 2),
+            "peak_rss_mb": round(max(x["rss_peak_mb"] for x in runs[name]), 1),
+            "rss_increase_mb": round(statistics.median(x["rss_peak_mb"] - x["rss_before_mb"] for x in runs[name]), 1),
+        }
+        for name in names
+    }
+    report = {
+        "benchmark": "LLAMA meta-step time and memory vs MAML (sinusoid: 25 tasks, 10+10 points, 1 inner step, second order)",
+        "command": f"python benchmarks/bench_llama.py --steps {args.steps} --full-steps {args.full_steps} --rounds {args.rounds} --threads {args.threads}",
+        "machine": {"cpu": cpu_name(), "platform": platform.platform(), "torch_threads": args.threads},
+        "results": table,
+        "targets": {"paper-ggn, paper-diag, paper-kfac": "<= 1.6x MAML", "predictive-*": "<= 2.5x MAML"},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "llama.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"{'configuration':18s} {'ms/step':>9s} {'x MAML':>7s} {'peak RSS MB':>12s} {'+RSS MB':>8s}")
+    for name, row in table.items():
+        print(f"{name:18s} {row['ms_per_step']:9.2f} {row['ratio_to_maml']:7.2f} {row['peak_rss_mb']:12.1f} {row['rss_increase_mb']:8.1f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
