@@ -188,3 +188,17 @@ def test_fit_llama_returns_laplace_posteriors_and_works_with_svi() -> None:
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), loss=LinearizedPredictiveObjective(curvature="ggn"))
     losses = [svi.step(batch) for _ in range(30)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("curvature", ["ggn", "kfac", "diag"])
+def test_llama_on_cuda_matches_cpu(curvature: str) -> None:
+    source = SinusoidTasks(shots=5, query_shots=5)
+    options = dict(method="llama", objective="predictive", curvature=curvature, meta_steps=3, meta_batch_size=4, step_size=0.05, progress=False, seed=2)
+    cpu = fit(NeuralRegression(tiny_mlp(8)), source, **options)  # type: ignore[arg-type]
+    gpu = fit(NeuralRegression(tiny_mlp(8)), source, device="cuda", **options)  # type: ignore[arg-type]
+    assert_close(torch.tensor(gpu.history), torch.tensor(cpu.history), rtol=1e-6, atol=1e-8)
+    batch = source.sample(3, generator=torch.Generator().manual_seed(0))
+    prediction = gpu.predict(batch)
+    assert prediction.mean.device.type == "cuda"
+    assert_close(prediction.variance.cpu(), cpu.predict(batch).variance, rtol=1e-6, atol=1e-8)

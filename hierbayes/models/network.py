@@ -210,6 +210,7 @@ class BatchedNetwork:
         self.layout = ParameterLayout.from_module(module)
         self._plan = _fast_plan(module, self.layout)
         self._sizes = list(self.layout.sizes)
+        self._backprop_supported = _backprop_plan(self._plan)
         self._buffers = dict(module.named_buffers())
 
     @property
@@ -249,6 +250,40 @@ class BatchedNetwork:
                 "jacobian='autograd')."
             )
         return self._run_plan(phi, x, record=True)
+
+    def output_gradients(self, phi: Tensor, records: list[LayerRecord], seed: Tensor) -> list[Tensor] | None:
+        r"""Gradients of (combinations of) the outputs with respect to every layer's
+        pre-activation, by explicit back-propagation, or ``None`` where not supported.
+
+        ``seed`` ``(T, N, K, C)`` holds, for each of ``K`` combinations, the weights of the ``C``
+        outputs: the result for layer ``l`` is ``(T, N, K, out_l)`` with entries
+        :math:`\sum_c \mathrm{seed}_{n,k,c}\,\partial f_{n,c}/\partial s_{l,n}`. Written as
+        ordinary tensor operations (matrix products with each layer's weights, activation
+        derivatives from the recorded pre-activations), so differentiating the result is one
+        plain backward pass rather than autograd's double backward. Supported: stacks of
+        ``Linear`` layers, each followed by at most one ReLU, LeakyReLU, Tanh, Sigmoid or
+        Identity.
+        """
+        if self._plan is None or not self._backprop_supported:
+            return None
+        T = phi.shape[0]
+        parts = torch.split(phi, self._sizes, dim=-1)
+        linear = [step for step in self._plan if step.kind == "linear"]
+        if len(linear) != len(records) or any(r.inputs.dim() != 3 for r in records):
+            return None
+        grads: list[Tensor] = [seed] * len(records)
+        current = seed  # gradient with respect to the output of the last step seen
+        index = len(records) - 1
+        for step in reversed(self._plan):
+            if step.kind == "linear":
+                grads[index] = current
+                w = parts[step.weight].view(T, *step.weight_shape)  # type: ignore[index]
+                current = current @ w.unsqueeze(1)  # (T, N, K, in)
+                index -= 1
+            else:  # an activation right after linear layer index+1... i.e. the record at index
+                s_pre = records[index].outputs  # its input: the previous linear layer's output
+                current = current * _activation_derivative(step.module, s_pre).unsqueeze(2)
+        return grads
 
     def vmapped(self, phi: Tensor, x: Tensor) -> Tensor:
         """The generic ``vmap(functional_call)`` implementation (the fast path's reference)."""
@@ -321,6 +356,38 @@ class BatchedNetwork:
                 y = step.module(h.reshape(T * n, *h.shape[2:]))
                 h = y.reshape(T, n, *y.shape[1:])
         return h, records
+
+
+_DERIVATIVE_KNOWN = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+def _backprop_plan(plan: list[_Step] | None) -> bool:
+    """Whether the plan is Linear layers, each followed by at most one known activation."""
+    if plan is None or not plan or plan[0].kind != "linear":
+        return False
+    previous = ""
+    for step in plan:
+        if step.kind == "activation":
+            if previous != "linear" or not isinstance(step.module, _DERIVATIVE_KNOWN):
+                return False
+        elif step.kind != "linear":
+            return False
+        previous = step.kind
+    return True
+
+
+def _activation_derivative(module: nn.Module, s: Tensor) -> Tensor:
+    """The derivative of an element-wise activation at its input ``s``."""
+    if isinstance(module, nn.ReLU):
+        return (s > 0).to(s.dtype)
+    if isinstance(module, nn.LeakyReLU):
+        return torch.where(s > 0, torch.ones_like(s), torch.full_like(s, module.negative_slope))
+    if isinstance(module, nn.Tanh):
+        return 1 - torch.tanh(s).square()
+    if isinstance(module, nn.Sigmoid):
+        sig = torch.sigmoid(s)
+        return sig * (1 - sig)
+    return torch.ones_like(s)
 
 
 def _batched_linear(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

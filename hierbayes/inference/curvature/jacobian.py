@@ -353,21 +353,28 @@ def output_jacobian(
         C = f3.shape[-1]
         factor = _output_factor(inputs, phi, f3) if whiten else None
         if use_layers:
-            outs = [r.outputs for r in records]
-            per_output = []
-            for c in range(C):
-                grads = torch.autograd.grad(
-                    f3[..., c].sum(), outs, create_graph=cg, retain_graph=True
-                )
-                per_output.append(grads)
+            # seed (T, N, K, C): row k of L^T, so the back-propagated gradients come whitened
+            eye = torch.eye(C, dtype=f3.dtype, device=f3.device).expand(T, N, C, C)
+            seed = (factor if factor is not None else eye).transpose(-1, -2)
+            net_phi = phi[:, : network.num_params]
+            explicit = network.output_gradients(net_phi, records, seed)
             gtilde = []
             for layer in range(len(records)):
-                g = torch.stack([per_output[c][layer] for c in range(C)], dim=2)  # (T, N, C, *out)
-                if factor is not None:
-                    tail = g.shape[3:]
-                    g = torch.einsum("tnco,tnck->tnko", g.reshape(T, N, C, -1), factor).reshape(
-                        T, N, -1, *tail
-                    )
+                if explicit is not None:
+                    g = explicit[layer]
+                else:
+                    if layer == 0:
+                        outs = [r.outputs for r in records]
+                        per_output = [
+                            torch.autograd.grad(f3[..., c].sum(), outs, create_graph=cg, retain_graph=True)
+                            for c in range(C)
+                        ]
+                    g = torch.stack([per_output[c][layer] for c in range(C)], dim=2)  # (T, N, C, *out)
+                    if factor is not None:
+                        tail = g.shape[3:]
+                        g = torch.einsum("tnco,tnck->tnko", g.reshape(T, N, C, -1), factor).reshape(
+                            T, N, -1, *tail
+                        )
                 if mask is not None:
                     g = g * mask.reshape(T, N, *([1] * (g.dim() - 2))).to(g.dtype)
                 if not cg:
