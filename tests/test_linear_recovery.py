@@ -175,6 +175,33 @@ def test_evidence_maximisation_by_gradient_lands_on_the_closed_form() -> None:
     assert_close(theta.detach(), closed.theta, atol=1e-8, rtol=0.0)
 
 
+def test_fit_llama_evidence_lands_on_the_closed_form_empirical_bayes() -> None:
+    """`fit(method="llama", objective="evidence")`: the Laplace evidence with the GGN is exact
+    on the linear-Gaussian model, so gradient-based meta-training reaches the closed-form
+    evidence maximiser (generalised least squares over each task's support and query)."""
+    g = torch.Generator().manual_seed(4)
+    J = 40
+    xs, ys, xq, yq = simulate(J, g)
+    closed = estimators(xs, ys, xq, yq)["empirical_bayes"]
+    pyro.clear_param_store()
+    model = BayesianLinearRegression(2, bias=True, noise_scale=SIGMA, prior_scale=PRIOR_SCALE, hyperprior_scale=None)
+    result = fit(
+        model,
+        TaskCollection.from_tensors(xs, ys, xq, yq),
+        method="llama",
+        objective="evidence",
+        curvature="ggn",
+        meta_steps=600,
+        meta_batch_size=J,
+        inner_steps=STEPS,
+        step_size=STEP,
+        lr=0.05,
+        seed=0,
+        progress=False,
+    )
+    assert_close(result.theta, closed.theta, atol=1e-8, rtol=0.0)
+
+
 def test_linear_experiment_writes_its_metrics_and_figures(tmp_path: Path) -> None:
     """`python -m hierbayes linear`, small: the metrics the issue asks for, and both PNGs."""
     config = LinearConfig(problems=18, task_counts=(8, 64), replicates=20, fit_steps=300)
