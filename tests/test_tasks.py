@@ -112,3 +112,15 @@ def test_episodic_sampler_errors() -> None:
         EpisodicSampler(torch.zeros(5, 1), torch.tensor([0, 0, 0, 1, 1]), ways=2, shots=1, query_shots=2)
     with pytest.raises(TaskDataError, match="labels must have shape"):
         EpisodicSampler(torch.zeros(5, 1), torch.tensor([0, 1]), ways=2, shots=1)
+
+
+def test_collection_keeps_the_requested_precision() -> None:
+    x = np.random.randn(2, 3, 1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        assert TaskCollection.from_tensors(x, x, x, x).batch().support_x.dtype == torch.float32
+        exact = TaskCollection.from_tensors(x, x, x, x, dtype=torch.float64).batch().support_x
+        assert exact.dtype == torch.float64 and torch.equal(exact, torch.as_tensor(x))
+    finally:
+        torch.set_default_dtype(previous)

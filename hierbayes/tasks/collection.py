@@ -18,13 +18,13 @@ ArrayLike = Tensor | np.ndarray | Sequence[Any]
 _FIELDS = ("support_x", "support_y", "query_x", "query_y")
 
 
-def _as_tensor(value: ArrayLike, field: str, task: int) -> Tensor:
+def _as_tensor(value: ArrayLike, field: str, task: int, dtype: torch.dtype | None = None) -> Tensor:
     try:
         t = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))
     except (TypeError, ValueError) as err:
         raise TaskDataError(f"{field} of task {task} cannot be read as an array: {err}") from err
     if torch.is_floating_point(t):
-        t = t.to(torch.get_default_dtype())
+        t = t.to(dtype or torch.get_default_dtype())
     if t.dim() == 0:
         raise TaskDataError(f"{field} of task {task} is a scalar; expected (points, ...)")
     return t
@@ -54,6 +54,8 @@ class TaskCollection:
     rectangular ``(J, N, ...)`` tensors with :meth:`from_tensors`.
 
     Every task is checked once, here: sizes, shapes and finiteness, each error naming the task.
+    Floating-point data is stored in ``dtype`` (default: torch's default dtype, so float64
+    arrays become float32 unless you ask for float64).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class TaskCollection:
         tasks: Sequence[Sequence[ArrayLike] | Mapping[str, ArrayLike]],
         *,
         require_query: bool = True,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if len(tasks) == 0:
             raise TaskDataError("a TaskCollection needs at least one task; got none")
@@ -100,7 +103,7 @@ class TaskCollection:
                 )
             for f, v in zip(_FIELDS, values, strict=True):
                 if v is not None:
-                    columns[f].append(_as_tensor(v, f, j))
+                    columns[f].append(_as_tensor(v, f, j, dtype))
             self._check_task(j, columns, has_query=query_flags[-1])
         self._columns = columns
         self.has_query = query_flags[0]
@@ -116,7 +119,8 @@ class TaskCollection:
     ) -> TaskCollection:
         """From rectangular ``(J, N, ...)`` tensors or arrays."""
         arrays = [support_x, support_y, query_x, query_y]
-        tensors = [None if a is None else _as_tensor(a, f, 0) for a, f in zip(arrays, _FIELDS, strict=True)]
+        dtype = kwargs.get("dtype")
+        tensors = [None if a is None else _as_tensor(a, f, 0, dtype) for a, f in zip(arrays, _FIELDS, strict=True)]
         J = tensors[0].shape[0]  # type: ignore[union-attr]
         for f, t in zip(_FIELDS, tensors, strict=True):
             if t is not None and t.shape[0] != J:
