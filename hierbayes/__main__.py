@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _sinusoid_parser(sub)
-    from hierbayes.experiments import linear
+    from hierbayes.experiments import compare, linear
 
     linear.add_parser(sub)
+    compare.add_parser(sub)
     return parser
 
 
@@ -146,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _threads(args.threads)
-    from hierbayes.experiments import linear
+    from hierbayes.experiments import compare, linear
 
-    handlers = {"demo": _run_demo, "sinusoid": _run_sinusoid, "linear": linear.run}
+    handlers = {"demo": _run_demo, "sinusoid": _run_sinusoid, "linear": linear.run, "compare": compare.run}
     handlers[args.command](args)
     return 0
 

@@ -120,6 +120,7 @@ def coverage_by_amplitude(metrics: TaskMetrics, amplitude: torch.Tensor) -> dict
 
 
 def _fit(config: SinusoidConfig, method: str, *, inner_steps: int, steps: int, seed: int, **options: Any) -> FitResult:
+    torch.manual_seed(seed)  # the network's initialisation (theta_0) is part of the run's seed
     return fit(
         _model(config, method), SinusoidTasks(shots=config.shots, query_shots=config.query_shots),
         method=method, meta_steps=steps, meta_batch_size=config.meta_batch_size,

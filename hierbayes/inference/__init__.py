@@ -1,5 +1,11 @@
 """Inference: the truncated-gradient guide, meta-objectives, ``fit`` and task posteriors."""
 
+from hierbayes.inference.compare import (
+    ComparisonResult,
+    ReferenceNotConvergedWarning,
+    compare_approximations,
+    wasserstein2_gaussian,
+)
 from hierbayes.inference.evaluation import TaskMetrics, evaluate_posterior, mean_ci95
 from hierbayes.inference.fit import (
     FitResult,
@@ -11,8 +17,23 @@ from hierbayes.inference.fit import (
 )
 from hierbayes.inference.guide import TruncatedGradientGuide
 from hierbayes.inference.inner_loop import gradient_steps
+from hierbayes.inference.laplace import (
+    LaplacePosterior,
+    laplace_log_evidence,
+    laplace_posterior,
+    linearized_predictive,
+)
+from hierbayes.inference.llama import (
+    LaplaceEvidenceObjective,
+    LaplacePenaltyObjective,
+    LinearizedPredictiveObjective,
+    llama_objective,
+)
+from hierbayes.inference.meanfield import MeanFieldPosterior, meanfield_vi
+from hierbayes.inference.nuts import nuts_numpyro, nuts_pyro
 from hierbayes.inference.objectives import MAMLObjective, MetaObjective
 from hierbayes.inference.posterior import PointMassPosterior, TaskPosterior
+from hierbayes.inference.samples import GaussianPosterior, SamplePosterior
 from hierbayes.inference.predictive import (
     CategoricalPrediction,
     GaussianPrediction,
@@ -22,6 +43,24 @@ from hierbayes.inference.predictive import (
 
 __all__ = [
     "CategoricalPrediction",
+    "ComparisonResult",
+    "GaussianPosterior",
+    "LaplaceEvidenceObjective",
+    "LaplacePenaltyObjective",
+    "LaplacePosterior",
+    "LinearizedPredictiveObjective",
+    "MeanFieldPosterior",
+    "ReferenceNotConvergedWarning",
+    "SamplePosterior",
+    "compare_approximations",
+    "laplace_log_evidence",
+    "laplace_posterior",
+    "linearized_predictive",
+    "llama_objective",
+    "meanfield_vi",
+    "nuts_numpyro",
+    "nuts_pyro",
+    "wasserstein2_gaussian",
     "FitResult",
     "GaussianPrediction",
     "MAMLObjective",

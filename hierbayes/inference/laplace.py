@@ -266,10 +266,12 @@ class LaplacePosterior(TaskPosterior):
                 if classification:
                     probs = f.base_dist.probs if hasattr(f, "base_dist") else f.probs  # type: ignore[attr-defined]
                     return CategoricalPrediction(probs.reshape(S, T, *probs.shape[1:]).mean(0))
-                means = self.density.outputs(self.params, draws.reshape(S * T, D), xs)  # type: ignore[attr-defined]
-                means = means.reshape(S, T, means.shape[1], -1)
-                noise = _noise_variance(self.density, self.params, self.mean, means[0])
-                return MixturePrediction(means, noise)
+                flat = draws.reshape(S * T, D)
+                means = self.density.outputs(self.params, flat, xs)  # type: ignore[attr-defined]
+                means = means.reshape(S * T, means.shape[1], -1)
+                # per draw: a per-task noise scale in phi varies with the draw
+                noise = _noise_variance(self.density, self.params, flat, means)
+                return MixturePrediction(means.reshape(S, T, *means.shape[1:]), noise.reshape(S, T, *means.shape[1:]))
         if method != "linearized":
             raise ValueError(f"method must be 'linearized' or 'sampled'; got {method!r}")
         inputs = CurvatureInputs(
@@ -302,15 +304,29 @@ def laplace_posterior(
     curvature: str | CurvatureBuilder = "ggn",
     damping: float | None = None,
     jacobian: str = "auto",
+    refine_steps: int = 0,
 ) -> LaplacePosterior:
     r""":math:`\mathcal N(\hat\phi_j, \hat H_j^{-1})` with :math:`\hat H` from support data ``x, y``.
 
     Works for any adapted point, e.g. MAML's: ``laplace_posterior(result.guide.density,
     result.params, result.adapt(batch).mean, batch.support_x, batch.support_y)``.
+
+    ``refine_steps`` Newton steps :math:`\phi \leftarrow \phi + \hat H^{-1}\nabla_\phi
+    \log p(\phi\mid\mathcal D^s_j, \theta)` with the chosen curvature (Gauss--Newton for
+    ``ggn``) move the centre from the truncated-gradient point to the posterior mode first:
+    the classical Laplace approximation. One step is exact for the linear-Gaussian model.
     """
     params = {k: v.detach() for k, v in params.items()}
     phi = phi.detach()
     P = prior_precision(density, params, phi.shape[0], damping=damping)
+    for _ in range(refine_steps):
+        with torch.enable_grad():
+            point = phi.clone().requires_grad_(True)
+            log_joint = density.log_likelihood(params, point, x, y, mask) + density.log_prior(params, point, x)
+            (grad,) = torch.autograd.grad(log_joint.sum(), point)
+        inputs = CurvatureInputs(density, params, phi, x, y, mask, P, create_graph=False)
+        with torch.no_grad():
+            phi = phi + build_curvature(curvature, inputs).solve(grad)
     inputs = CurvatureInputs(density, params, phi, x, y, mask, P, create_graph=False)
     with torch.no_grad():
         estimate = build_curvature(curvature, inputs)

@@ -72,10 +72,12 @@ class GaussianPrediction(Prediction):
 
 @dataclass
 class MixturePrediction(Prediction):
-    r"""Equal-weight mixture :math:`\frac1S\sum_s \mathcal N(\mu_s, v)`.
+    r"""Equal-weight mixture :math:`\frac1S\sum_s \mathcal N(\mu_s, v_s)`.
 
     ``component_means`` ``(S, T, N, C)`` are network outputs at posterior draws of :math:`\phi`;
-    ``noise_variance`` broadcasts against one component.
+    ``noise_variance`` broadcasts against them: one variance for all draws (``(T, N, C)``), or
+    one per draw (``(S, T, N, C)``, when a per-task noise scale is part of :math:`\phi`). The
+    variance is :math:`\overline{v} + \mathrm{Var}_s[\mu_s]` (law of total variance).
     """
 
     component_means: Tensor
@@ -87,7 +89,8 @@ class MixturePrediction(Prediction):
 
     @property
     def variance(self) -> Tensor:
-        return self.component_means.var(0, unbiased=False) + self.noise_variance
+        noise = self.noise_variance.expand_as(self.component_means).mean(0)
+        return self.component_means.var(0, unbiased=False) + noise
 
     def log_prob(self, y: Tensor) -> Tensor:
         lp = dist.Normal(self.component_means, self.noise_variance.sqrt()).log_prob(y)
@@ -101,7 +104,7 @@ class MixturePrediction(Prediction):
 
     def _quantile(self, p: float) -> Tensor:
         means = self.component_means
-        scale = self.noise_variance.sqrt().expand_as(means[0])
+        scale = self.noise_variance.sqrt().expand_as(means)
         low = (means - 10 * scale).min(0).values
         high = (means + 10 * scale).max(0).values
         for _ in range(60):

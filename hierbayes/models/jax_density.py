@@ -11,7 +11,9 @@ For one task with support data :math:`(x, y)` (``N`` points) and the global valu
         + \sum_{d=1}^{D} \log \mathcal N(\phi_d;\, \hat\theta_d, s^2),
 
 the same quantity as ``TaskModelDensity.log_likelihood + TaskModelDensity.log_prior`` for one
-task (``m`` is the optional mask of real points). NumPyro's NUTS samples
+task (``m`` is the optional mask of real points). With a per-task Gaussian noise scale
+(``GaussianLikelihood(per_task=True)``), :math:`\log\sigma_j` is the last entry of
+:math:`\phi_j` with its own prior scale, as in the torch model. NumPyro's NUTS samples
 :math:`p(\phi \mid x, y, \hat\theta)` with it (:func:`hierbayes.inference.nuts.nuts_numpyro`);
 the tests check it against the torch density in float64 to 1e-10 on random inputs.
 
@@ -206,18 +208,30 @@ def jax_log_density(model: TaskModel) -> JaxLogDensity:
     _, jnp = require_jax()
     network = jax_network(model)
     likelihood = model.likelihood
+    D_net = model.net.num_params
+    k = model.num_params - D_net  # the likelihood's per-task parameters after the network's
     if isinstance(likelihood, GaussianLikelihood):
+        per_task = bool(getattr(likelihood, "per_task", False))
         learned_noise, fixed_noise = likelihood.learned, likelihood.noise_scale
+        if k != (1 if per_task else 0):
+            raise NotImplementedError(
+                f"{likelihood!r} with {k} per-task likelihood parameters has no JAX translation"
+            )
 
-        def log_likelihood(f: Any, y: Any, params: Mapping[str, Any]) -> Any:
-            sigma = params["noise_scale"] if learned_noise else fixed_noise
+        def log_likelihood(f: Any, y: Any, params: Mapping[str, Any], extra: Any) -> Any:
+            if per_task:  # log sigma_j is the last entry of phi_j
+                log_sigma = extra[0]
+                sigma = jnp.exp(log_sigma)
+            else:
+                sigma = params["noise_scale"] if learned_noise else fixed_noise
+                log_sigma = jnp.log(sigma)
             z = (y - f) / sigma
-            per_value = -0.5 * z**2 - jnp.log(sigma) - _HALF_LOG_2PI
+            per_value = -0.5 * z**2 - log_sigma - _HALF_LOG_2PI
             return per_value.reshape(f.shape[0], -1).sum(-1)
 
-    elif isinstance(likelihood, CategoricalLikelihood):
+    elif isinstance(likelihood, CategoricalLikelihood) and k == 0:
 
-        def log_likelihood(f: Any, y: Any, params: Mapping[str, Any]) -> Any:
+        def log_likelihood(f: Any, y: Any, params: Mapping[str, Any], extra: Any) -> Any:
             import jax
 
             log_p = jax.nn.log_softmax(f, axis=-1)
@@ -225,18 +239,24 @@ def jax_log_density(model: TaskModel) -> JaxLogDensity:
 
     else:
         raise NotImplementedError(
-            f"{type(likelihood).__name__} has no JAX translation; jax_log_density handles "
-            "GaussianLikelihood and CategoricalLikelihood. Use hierbayes.inference.nuts_pyro."
+            f"{likelihood!r} has no JAX translation; jax_log_density handles "
+            "GaussianLikelihood (fixed, learned or per-task noise) and CategoricalLikelihood. "
+            "Use hierbayes.inference.nuts_pyro."
         )
     learned_prior_scale, fixed_prior_scale = model.learn_prior_scale, model.prior_scale_init
+    extra_scale = float(getattr(likelihood, "task_param_prior_scale", 1.0))
 
     def log_density(
         phi: Any, x: Any, y: Any, params: Mapping[str, Any], mask: Any | None = None
     ) -> Any:
-        lp = log_likelihood(network(phi, x), y, params)
+        lp = log_likelihood(network(phi[:D_net], x), y, params, phi[D_net:])
         if mask is not None:
             lp = jnp.where(mask, lp, 0.0)
         scale = params["prior_scale"] if learned_prior_scale else fixed_prior_scale
+        if k:  # the per-task likelihood parameters keep their own prior scale
+            scale = jnp.concatenate(
+                [jnp.full((D_net,), scale, dtype=phi.dtype), jnp.full((k,), extra_scale, phi.dtype)]
+            )
         z = (phi - params["theta"]) / scale
         log_prior = (-0.5 * z**2 - jnp.log(scale) - _HALF_LOG_2PI).sum()
         return lp.sum() + log_prior

@@ -162,19 +162,25 @@ class _Step:
 
 
 def _fast_plan(module: nn.Module, layout: ParameterLayout) -> list[_Step] | None:
-    """The layers of a supported ``nn.Sequential`` as steps, or ``None`` for the generic path."""
-    if not isinstance(module, nn.Sequential):
+    """The layers of a supported ``nn.Sequential`` (or of one supported layer) as steps, or
+    ``None`` for the generic path."""
+    if isinstance(module, nn.Sequential):
+        leaves = list(_leaves(module))
+    elif type(module) in _SUPPORTED:
+        leaves = [("", module)]
+    else:
         return None
     index = {name: i for i, name in enumerate(layout.names)}
     plan: list[_Step] = []
-    for path, leaf in _leaves(module):
+    for path, leaf in leaves:
         if type(leaf) not in _SUPPORTED:
             return None
         if isinstance(leaf, nn.Conv2d) and (leaf.groups != 1 or leaf.padding_mode != "zeros"):
             return None
         if isinstance(leaf, nn.Flatten) and (leaf.start_dim != 1 or leaf.end_dim != -1):
             return None
-        w, b = index.get(f"{path}.weight"), index.get(f"{path}.bias")
+        prefix = f"{path}." if path else ""
+        w, b = index.get(f"{prefix}weight"), index.get(f"{prefix}bias")
         if isinstance(leaf, (nn.Linear, nn.Conv2d)):
             kind = "linear" if isinstance(leaf, nn.Linear) else "conv2d"
             plan.append(_Step(path, kind, leaf, w, b, tuple(leaf.weight.shape)))
