@@ -46,11 +46,29 @@ def worker(name: str, steps: int, threads: int) -> None:
     method = "maml" if not options else "llama"
     source = SinusoidTasks(shots=10, query_shots=10)
     model = NeuralRegression(prior_scale=0.1)
-    fit(model, source, method=method, meta_steps=3, step_size=0.002, progress=False, **options)  # warm-up
+    fit(
+        model, source, method=method, meta_steps=3, step_size=0.002, progress=False, **options
+    )  # warm-up
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = fit(NeuralRegression(prior_scale=0.1), source, method=method, meta_steps=steps, step_size=0.002, progress=False, **options)
+    result = fit(
+        NeuralRegression(prior_scale=0.1),
+        source,
+        method=method,
+        meta_steps=steps,
+        step_size=0.002,
+        progress=False,
+        **options,
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"ms_per_step": 1e3 * result.wall_time / steps, "rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}))
+    print(
+        json.dumps(
+            {
+                "ms_per_step": 1e3 * result.wall_time / steps,
+                "rss_before_mb": before / 1024,
+                "rss_peak_mb": peak / 1024,
+            }
+        )
+    )
 
 
 def cpu_name() -> str:
@@ -64,9 +82,16 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--full-steps", type=int, default=10, help="steps for the slow 'full' Hessian configurations")
+    parser.add_argument(
+        "--full-steps",
+        type=int,
+        default=10,
+        help="steps for the slow 'full' Hessian configurations",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -76,7 +101,11 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.steps, args.threads)
         return
-    names = list(CONFIGS) if args.only is None else ["maml", *[n for n in args.only.split(",") if n != "maml"]]
+    names = (
+        list(CONFIGS)
+        if args.only is None
+        else ["maml", *[n for n in args.only.split(",") if n != "maml"]]
+    )
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     ratios: dict[str, list[float]] = {n: [] for n in names}
     started = time.perf_counter()
@@ -84,37 +113,65 @@ def main() -> None:
         for name in names:
             steps = args.full_steps if name.endswith("-full") else args.steps
             out = subprocess.run(
-                [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--threads", str(args.threads)],
-                check=True, capture_output=True, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    name,
+                    "--steps",
+                    str(steps),
+                    "--threads",
+                    str(args.threads),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             )
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
         maml_ms = runs["maml"][-1]["ms_per_step"]
         for name in names:
             ratios[name].append(runs[name][-1]["ms_per_step"] / maml_ms)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {runs[n][-1]['ms_per_step']:.2f}ms" for n in names), flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {runs[n][-1]['ms_per_step']:.2f}ms" for n in names),
+            flush=True,
+        )
     table = {
         name: {
             "ms_per_step": round(statistics.median(x["ms_per_step"] for x in runs[name]), 3),
             "ratio_to_maml": round(statistics.median(ratios[name]), 2),
             "peak_rss_mb": round(max(x["rss_peak_mb"] for x in runs[name]), 1),
-            "rss_increase_mb": round(statistics.median(x["rss_peak_mb"] - x["rss_before_mb"] for x in runs[name]), 1),
+            "rss_increase_mb": round(
+                statistics.median(x["rss_peak_mb"] - x["rss_before_mb"] for x in runs[name]), 1
+            ),
         }
         for name in names
     }
     report = {
         "benchmark": "LLAMA meta-step time and memory vs MAML (sinusoid: 25 tasks, 10+10 points, 1 inner step, second order)",
         "command": f"python benchmarks/bench_llama.py --steps {args.steps} --full-steps {args.full_steps} --rounds {args.rounds} --threads {args.threads}",
-        "machine": {"cpu": cpu_name(), "platform": platform.platform(), "torch_threads": args.threads},
+        "machine": {
+            "cpu": cpu_name(),
+            "platform": platform.platform(),
+            "torch_threads": args.threads,
+        },
         "results": table,
-        "targets": {"paper-ggn, paper-diag, paper-kfac": "<= 1.6x MAML", "predictive-*": "<= 2.5x MAML"},
+        "targets": {
+            "paper-ggn, paper-diag, paper-kfac": "<= 1.6x MAML",
+            "predictive-*": "<= 2.5x MAML",
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "llama.json"
     path.write_text(json.dumps(report, indent=2))
-    print(f"{'configuration':18s} {'ms/step':>9s} {'x MAML':>7s} {'peak RSS MB':>12s} {'+RSS MB':>8s}")
+    print(
+        f"{'configuration':18s} {'ms/step':>9s} {'x MAML':>7s} {'peak RSS MB':>12s} {'+RSS MB':>8s}"
+    )
     for name, row in table.items():
-        print(f"{name:18s} {row['ms_per_step']:9.2f} {row['ratio_to_maml']:7.2f} {row['peak_rss_mb']:12.1f} {row['rss_increase_mb']:8.1f}")
+        print(
+            f"{name:18s} {row['ms_per_step']:9.2f} {row['ratio_to_maml']:7.2f} {row['peak_rss_mb']:12.1f} {row['rss_increase_mb']:8.1f}"
+        )
     print(f"wrote {path}")
 
 

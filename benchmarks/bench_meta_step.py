@@ -92,10 +92,14 @@ def per_task_loop(steps: int, source: SinusoidTasks, seed: int) -> float:
         loss = torch.zeros(())
         for j in range(TASKS):
             params = dict(net.named_parameters())
-            nll = gaussian_nll(functional_call(net, params, (b.support_x[j],)), b.support_y[j], log_sigma)
+            nll = gaussian_nll(
+                functional_call(net, params, (b.support_x[j],)), b.support_y[j], log_sigma
+            )
             grads = torch.autograd.grad(nll, list(params.values()), create_graph=True)
             fast = {n: params[n] - STEP * g for n, g in zip(names, grads, strict=True)}
-            loss = loss + gaussian_nll(functional_call(net, fast, (b.query_x[j],)), b.query_y[j], log_sigma)
+            loss = loss + gaussian_nll(
+                functional_call(net, fast, (b.query_x[j],)), b.query_y[j], log_sigma
+            )
         loss = loss / TASKS
         optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,7 +109,15 @@ def per_task_loop(steps: int, source: SinusoidTasks, seed: int) -> float:
 
 
 def hierbayes_fit(steps: int, source: SinusoidTasks, seed: int) -> float:
-    result = fit(NeuralRegression(), source, meta_steps=steps, meta_batch_size=TASKS, step_size=STEP, seed=seed, progress=False)
+    result = fit(
+        NeuralRegression(),
+        source,
+        meta_steps=steps,
+        meta_batch_size=TASKS,
+        step_size=STEP,
+        seed=seed,
+        progress=False,
+    )
     return steps / result.wall_time
 
 
@@ -142,9 +154,13 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=400, help="meta-steps per round")
-    parser.add_argument("--loop-steps", type=int, default=60, help="meta-steps per round of the slow per-task loop")
+    parser.add_argument(
+        "--loop-steps", type=int, default=60, help="meta-steps per round of the slow per-task loop"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -152,29 +168,48 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     source = SinusoidTasks(shots=SHOTS, query_shots=QUERY)
     rates: dict[str, list[float]] = {name: [] for name in IMPLEMENTATIONS}
-    for name, impl in IMPLEMENTATIONS.items():  # warm-up
+    for impl in IMPLEMENTATIONS.values():  # warm-up
         impl(10, source, 0)
     for r in range(args.rounds):
         for name, impl in IMPLEMENTATIONS.items():
             steps = args.loop_steps if name == "per_task_loop" else args.steps
             rates[name].append(impl(steps, source, r))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()))
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items())
+        )
     median = {name: statistics.median(v) for name, v in rates.items()}
     report = {
         "benchmark": "sinusoid meta-step (25 tasks, 10+10 points, 1 inner step, second order)",
-        "command": "python benchmarks/bench_meta_step.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
-        ),
-        "machine": {"cpu": cpu_name(), "platform": platform.platform(), "torch_threads": args.threads},
-        "versions": {"hierbayes": hierbayes.__version__, "torch": torch.__version__, "pyro": pyro.__version__},
+        "command": "python benchmarks/bench_meta_step.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "machine": {
+            "cpu": cpu_name(),
+            "platform": platform.platform(),
+            "torch_threads": args.threads,
+        },
+        "versions": {
+            "hierbayes": hierbayes.__version__,
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+        },
         "meta_steps_per_second": {k: round(v, 1) for k, v in median.items()},
         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "ratios": {
-            "hierbayes_fit_over_per_task_loop": round(median["hierbayes_fit"] / median["per_task_loop"], 2),
-            "bare_batched_over_hierbayes_fit": round(median["bare_batched"] / median["hierbayes_fit"], 3),
-            "bare_batched_over_hierbayes_svi": round(median["bare_batched"] / median["hierbayes_svi"], 3),
+            "hierbayes_fit_over_per_task_loop": round(
+                median["hierbayes_fit"] / median["per_task_loop"], 2
+            ),
+            "bare_batched_over_hierbayes_fit": round(
+                median["bare_batched"] / median["hierbayes_fit"], 3
+            ),
+            "bare_batched_over_hierbayes_svi": round(
+                median["bare_batched"] / median["hierbayes_svi"], 3
+            ),
         },
-        "targets": {"hierbayes_fit_over_per_task_loop": ">= 6", "bare_batched_over_hierbayes_fit": "<= 1.15"},
+        "targets": {
+            "hierbayes_fit_over_per_task_loop": ">= 6",
+            "bare_batched_over_hierbayes_fit": "<= 1.15",
+        },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "meta_step.json"

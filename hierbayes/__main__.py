@@ -27,7 +27,9 @@ def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch intra-op threads (default 1: small-op meta-learning runs fastest on one)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -42,31 +44,52 @@ def _sinusoid_parser(sub: Any) -> None:
     p.add_argument("--meta-batch-size", type=int, default=25)
     p.add_argument("--inner-steps", type=int, default=1)
     p.add_argument(
-        "--inner-lr", type=float, default=0.01,
+        "--inner-lr",
+        type=float,
+        default=0.01,
         help="MAML's inner learning rate on the support MSE (default 0.01); the guide's step on "
         "the summed log likelihood is 2*inner_lr/K",
     )
     p.add_argument(
-        "--learn-step-size", default="fixed", choices=["fixed", "scalar", "per_parameter"],
+        "--learn-step-size",
+        default="fixed",
+        choices=["fixed", "scalar", "per_parameter"],
         help="fixed (MAML), scalar, or per_parameter (Meta-SGD: a learned diagonal preconditioner)",
     )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's meta learning rate")
     p.add_argument("--eval-tasks", type=int, default=600)
-    p.add_argument("--pretrain-steps", type=int, default=None, help="steps of the pretrain baseline (default: --meta-steps)")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        help="steps of the pretrain baseline (default: --meta-steps)",
+    )
     p.add_argument("--plot-tasks", type=int, default=4)
     llama = p.add_argument_group("LLAMA (--method llama)")
     llama.add_argument(
-        "--objective", default="predictive", choices=["predictive", "evidence", "paper"],
+        "--objective",
+        default="predictive",
+        choices=["predictive", "evidence", "paper"],
         help="linearised Laplace predictive NLL (default, calibrated), full Laplace evidence, or "
         "the paper's query NLL + eta * log det H",
     )
     llama.add_argument("--curvature", default="ggn", help="ggn (default), kfac, diag or full")
-    llama.add_argument("--eta", type=float, default=1e-6, help="weight of log det H in the paper's loss")
+    llama.add_argument(
+        "--eta", type=float, default=1e-6, help="weight of log det H in the paper's loss"
+    )
     llama.add_argument("--curvature-data", default=None, choices=["support", "query", "both"])
-    llama.add_argument("--no-compare-maml", action="store_true", help="skip the MAML run of the same budget")
-    llama.add_argument("--predictive-samples", type=int, default=100, help="draws for the sampled predictive (0: skip)")
+    llama.add_argument(
+        "--no-compare-maml", action="store_true", help="skip the MAML run of the same budget"
+    )
+    llama.add_argument(
+        "--predictive-samples",
+        type=int,
+        default=100,
+        help="draws for the sampled predictive (0: skip)",
+    )
     p.add_argument(
-        "--per-task-noise", action="store_true",
+        "--per-task-noise",
+        action="store_true",
         help="give each task its own noise scale, adapted with the network (a calibration remedy)",
     )
     _add_common(p, out="runs/sinusoid")
@@ -104,14 +127,25 @@ def _run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
         if args.curvature_data is not None:
             options["curvature_data"] = args.curvature_data
     config = SinusoidConfig(
-        method=args.method, shots=args.shots, query_shots=args.query_shots,
-        meta_steps=args.meta_steps, meta_batch_size=args.meta_batch_size,
-        inner_steps=args.inner_steps, inner_lr=args.inner_lr, lr=args.lr,
-        eval_tasks=args.eval_tasks, pretrain_steps=args.pretrain_steps, seed=args.seed,
-        device=args.device, plot_tasks=args.plot_tasks, progress=not args.no_progress,
-        per_task_noise=args.per_task_noise, method_options=options,
+        method=args.method,
+        shots=args.shots,
+        query_shots=args.query_shots,
+        meta_steps=args.meta_steps,
+        meta_batch_size=args.meta_batch_size,
+        inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr,
+        lr=args.lr,
+        eval_tasks=args.eval_tasks,
+        pretrain_steps=args.pretrain_steps,
+        seed=args.seed,
+        device=args.device,
+        plot_tasks=args.plot_tasks,
+        progress=not args.no_progress,
+        per_task_noise=args.per_task_noise,
+        method_options=options,
         learn_step_size=args.learn_step_size,
-        compare_maml=not args.no_compare_maml, predictive_samples=args.predictive_samples,
+        compare_maml=not args.no_compare_maml,
+        predictive_samples=args.predictive_samples,
     )
     report = run_sinusoid(config, args.out)
     print(format_report([report]))
@@ -123,14 +157,28 @@ def _run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
 def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from hierbayes.experiments.sinusoid import SinusoidConfig, format_report, run_sinusoid
 
-    common = dict(meta_steps=args.meta_steps, eval_tasks=args.eval_tasks, seed=args.seed, device=args.device, progress=not args.no_progress)
-    maml_config = SinusoidConfig(method="maml", **common)  # type: ignore[arg-type]
-    print(f"== MAML: meta-training {maml_config.meta_steps} steps on {maml_config.shots}-shot sinusoid tasks")
+    common = dict(
+        meta_steps=args.meta_steps,
+        eval_tasks=args.eval_tasks,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    maml_config = SinusoidConfig(method="maml", **common)
+    print(
+        f"== MAML: meta-training {maml_config.meta_steps} steps on {maml_config.shots}-shot sinusoid tasks"
+    )
     maml = run_sinusoid(maml_config, args.out / "maml")
-    llama_config = SinusoidConfig(method="llama", method_options=dict(objective="predictive", curvature="ggn"), **common)  # type: ignore[arg-type]
-    print(f"== LLAMA (linearised Laplace predictive, GGN): meta-training {llama_config.meta_steps} steps")
+    llama_config = SinusoidConfig(
+        method="llama", method_options=dict(objective="predictive", curvature="ggn"), **common
+    )
+    print(
+        f"== LLAMA (linearised Laplace predictive, GGN): meta-training {llama_config.meta_steps} steps"
+    )
     llama = run_sinusoid(
-        llama_config, args.out / "llama", maml_result=maml["_results"]["maml"],
+        llama_config,
+        args.out / "llama",
+        maml_result=maml["_results"]["maml"],
         pretrained_result=maml["_results"]["pretrained"],
     )
     reports = [maml, llama]
@@ -149,7 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _threads(args.threads)
     from hierbayes.experiments import compare, linear
 
-    handlers = {"demo": _run_demo, "sinusoid": _run_sinusoid, "linear": linear.run, "compare": compare.run}
+    handlers = {
+        "demo": _run_demo,
+        "sinusoid": _run_sinusoid,
+        "linear": linear.run,
+        "compare": compare.run,
+    }
     handlers[args.command](args)
     return 0
 

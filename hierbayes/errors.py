@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["HierbayesError", "ModelContractError", "NumericalError", "TaskDataError", "check_finite"]
+__all__ = [
+    "HierbayesError",
+    "ModelContractError",
+    "NumericalError",
+    "TaskDataError",
+    "check_finite",
+]
 
 
 class HierbayesError(Exception):

@@ -13,10 +13,26 @@ from hierbayes.__main__ import main
 def test_sinusoid_command_writes_metrics_and_figure(tmp_path: Path) -> None:
     torch.set_default_dtype(torch.float32)
     out = tmp_path / "run"
-    main([
-        "sinusoid", "--method", "maml", "--shots", "5", "--meta-steps", "30", "--eval-tasks", "40",
-        "--pretrain-steps", "10", "--seed", "2", "--out", str(out), "--no-progress",
-    ])
+    main(
+        [
+            "sinusoid",
+            "--method",
+            "maml",
+            "--shots",
+            "5",
+            "--meta-steps",
+            "30",
+            "--eval-tasks",
+            "40",
+            "--pretrain-steps",
+            "10",
+            "--seed",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "maml" and metrics["shots"] == 5
     assert metrics["meta_steps"] == 30 and metrics["eval_tasks"] == 40

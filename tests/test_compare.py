@@ -288,14 +288,24 @@ def test_compare_experiment_linear_quick(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     rows = metrics["linear"]["approximations"]
     assert list(rows) == [
-        "maml", "laplace_ggn", "laplace_kfac", "laplace_diag", "laplace_full",
-        "meanfield_vi", "nuts_pyro", "nuts_numpyro", "exact",
+        "maml",
+        "laplace_ggn",
+        "laplace_kfac",
+        "laplace_diag",
+        "laplace_full",
+        "meanfield_vi",
+        "nuts_pyro",
+        "nuts_numpyro",
+        "exact",
     ]
     assert metrics["linear"]["reference"] == "nuts_numpyro"
     # Laplace at the mode with the exact GGN (or Hessian) is the exact posterior of this model
     for name in ("laplace_ggn", "laplace_full"):
         for key in ("w2", "mean_error_sd", "lpd", "coverage_90"):
-            assert rows[name][key] == pytest.approx(rows["exact"][key], rel=1e-6, abs=1e-9), (name, key)
+            assert rows[name][key] == pytest.approx(rows["exact"][key], rel=1e-6, abs=1e-9), (
+                name,
+                key,
+            )
     for name, row in rows.items():
         for key in (
             "lpd",

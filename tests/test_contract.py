@@ -33,11 +33,21 @@ def classification_batch(T: int = 3, N: int = 6, C: int = 3) -> TaskBatch:
 
 
 MODELS: dict[str, Callable[[], tuple[object, TaskBatch]]] = {
-    "linear": lambda: (BayesianLinearRegression(3, bias=True, learn_noise=True, learn_prior_scale=True), regression_batch(d=3)),
+    "linear": lambda: (
+        BayesianLinearRegression(3, bias=True, learn_noise=True, learn_prior_scale=True),
+        regression_batch(d=3),
+    ),
     "neural": lambda: (NeuralRegression(tiny_mlp(6)), regression_batch()),
-    "per-task-noise": lambda: (NeuralRegression(tiny_mlp(6), per_task_noise=True, learn_prior_scale=True), regression_batch()),
+    "per-task-noise": lambda: (
+        NeuralRegression(tiny_mlp(6), per_task_noise=True, learn_prior_scale=True),
+        regression_batch(),
+    ),
     "categorical": lambda: (
-        TaskModel(nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 3)), CategoricalLikelihood(), prior_scale=0.5),
+        TaskModel(
+            nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 3)),
+            CategoricalLikelihood(),
+            prior_scale=0.5,
+        ),
         classification_batch(),
     ),
 }
@@ -58,7 +68,10 @@ def test_native_density_equals_pyro_trace(name: str) -> None:
     mask = torch.rand(x.shape[:2]) > 0.3
     mask[:, 0] = True
     for m in (None, mask):
-        assert_close(native.log_likelihood(params, phi, x, y, m), generic.log_likelihood(params, phi, x, y, m))
+        assert_close(
+            native.log_likelihood(params, phi, x, y, m),
+            generic.log_likelihood(params, phi, x, y, m),
+        )
     assert_close(native.log_prior(params, phi, x), generic.log_prior(params, phi, x))
     assert_close(native.prior_mean(params, x), generic.prior_mean(params, x))
     assert_close(native.log_hyperprior(params, x), generic.log_hyperprior(params, x))
@@ -123,7 +136,9 @@ def test_contract_violations_are_explained(model: Callable[..., object], message
     batch = regression_batch()
     with pytest.raises(ModelContractError, match=message) as info:
         model_structure(model, batch.support_x, batch.support_y)
-    assert "A hierbayes model is a Pyro program" in str(info.value) or "real-valued" in str(info.value)
+    assert "A hierbayes model is a Pyro program" in str(info.value) or "real-valued" in str(
+        info.value
+    )
 
 
 def _user_model(x, y=None):  # type: ignore[no-untyped-def]
@@ -144,7 +159,15 @@ def test_a_plain_pyro_program_meta_trains_through_the_generic_path() -> None:
     x = torch.randn(J, N + M, 1, generator=g)
     y = x * phi[:, None, :1] + phi[:, None, 1:] + 0.5 * torch.randn(J, N + M, 1, generator=g)
     tasks = TaskCollection.from_tensors(x[:, :N], y[:, :N], x[:, N:], y[:, N:])
-    result = fit(_user_model, tasks, meta_steps=300, meta_batch_size=J, lr=0.05, step_size=0.05, progress=False)
+    result = fit(
+        _user_model,
+        tasks,
+        meta_steps=300,
+        meta_batch_size=J,
+        lr=0.05,
+        step_size=0.05,
+        progress=False,
+    )
     assert type(result.guide.density) is PyroTaskDensity
     assert result.guide.structure.param_sites == ("user_theta",)
     learned = pyro.param("user_theta").detach()

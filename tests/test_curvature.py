@@ -36,7 +36,9 @@ from tests.helpers import regression_batch, tiny_mlp
 TOL = dict(atol=1e-8, rtol=1e-8)
 
 
-def regression_inputs(T: int = 3, N: int = 5, *, mask: bool = False, create_graph: bool = False) -> CurvatureInputs:
+def regression_inputs(
+    T: int = 3, N: int = 5, *, mask: bool = False, create_graph: bool = False
+) -> CurvatureInputs:
     batch = regression_batch(T=T, N=N)
     model = NeuralRegression(tiny_mlp(4))
     structure = model_structure(model, batch.support_x, batch.support_y)
@@ -49,12 +51,16 @@ def regression_inputs(T: int = 3, N: int = 5, *, mask: bool = False, create_grap
         m[0, -2:] = False
         m[2, 1] = False
     P = torch.full((structure.num_params,), 2.0)
-    return CurvatureInputs(density, params, phi, batch.support_x, batch.support_y, m, P, create_graph)
+    return CurvatureInputs(
+        density, params, phi, batch.support_x, batch.support_y, m, P, create_graph
+    )
 
 
 def classification_inputs(T: int = 2, N: int = 4, C: int = 3) -> CurvatureInputs:
     torch.manual_seed(1)
-    model = TaskModel(nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, C)), CategoricalLikelihood())
+    model = TaskModel(
+        nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, C)), CategoricalLikelihood()
+    )
     batch = TaskBatch(torch.randn(T, N, 2), torch.randint(0, C, (T, N)))
     structure = model_structure(model, batch.support_x, batch.support_y)
     density = task_density(model, structure)
@@ -88,7 +94,11 @@ def test_logdet_solve_and_samples_against_the_dense_matrix(name: str, case: str)
     rhs = torch.randn(T, D)
     expected = torch.linalg.solve(H, rhs.unsqueeze(-1)).squeeze(-1)
     assert_close(estimate.solve(rhs), expected, **TOL)
-    assert_close(estimate.solve(rhs.unsqueeze(-1).expand(T, D, 2)), expected.unsqueeze(-1).expand(T, D, 2), **TOL)
+    assert_close(
+        estimate.solve(rhs.unsqueeze(-1).expand(T, D, 2)),
+        expected.unsqueeze(-1).expand(T, D, 2),
+        **TOL,
+    )
     assert_close(estimate.covariance(), torch.linalg.inv(H), atol=1e-7, rtol=1e-7)
 
 
@@ -126,14 +136,21 @@ def test_layer_jacobian_equals_autograd_jacobian() -> None:
 
 def test_conv_layer_jacobian_equals_autograd() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(8, 2)
+    )
     model = TaskModel(net, CategoricalLikelihood())
     x, y = torch.randn(2, 3, 1, 4, 4), torch.randint(0, 2, (2, 3))
     structure = model_structure(model, x, y)
     inputs = CurvatureInputs(
-        task_density(model, structure), {"theta": model.theta_init},
-        model.theta_init + 0.2 * torch.randn(2, structure.num_params), x, y, None,
-        torch.full((structure.num_params,), 3.0), False,
+        task_density(model, structure),
+        {"theta": model.theta_init},
+        model.theta_init + 0.2 * torch.randn(2, structure.num_params),
+        x,
+        y,
+        None,
+        torch.full((structure.num_params,), 3.0),
+        False,
     )
     layers, _ = output_jacobian(inputs, method="layers")
     auto, _ = output_jacobian(inputs, method="autograd")
@@ -151,8 +168,14 @@ def test_ggn_equals_full_hessian_on_the_linear_gaussian_model() -> None:
     model = BayesianLinearRegression(3, bias=True, noise_scale=0.5)
     structure = model_structure(model, batch.support_x, batch.support_y)
     inputs = CurvatureInputs(
-        task_density(model, structure), {"theta": model.theta_init}, torch.randn(3, 4),
-        batch.support_x, batch.support_y, None, torch.full((4,), 0.7), False,
+        task_density(model, structure),
+        {"theta": model.theta_init},
+        torch.randn(3, 4),
+        batch.support_x,
+        batch.support_y,
+        None,
+        torch.full((4,), 0.7),
+        False,
     )
     ggn, full = build_curvature("ggn", inputs), build_curvature("full", inputs)
     X = torch.cat([batch.support_x, torch.ones(3, 6, 1)], dim=-1)
@@ -169,9 +192,14 @@ def test_kfac_equals_the_fisher_block_for_one_linear_layer_and_one_point() -> No
     x, y = torch.randn(2, 1, 4), torch.randint(0, C, (2, 1))
     structure = model_structure(model, x, y)
     inputs = CurvatureInputs(
-        task_density(model, structure), {"theta": model.theta_init},
-        model.theta_init + torch.randn(2, structure.num_params), x, y, None,
-        torch.full((structure.num_params,), 0.3), False,
+        task_density(model, structure),
+        {"theta": model.theta_init},
+        model.theta_init + torch.randn(2, structure.num_params),
+        x,
+        y,
+        None,
+        torch.full((structure.num_params,), 0.3),
+        False,
     )
     fisher = build_curvature("ggn", inputs).to_dense()  # J^T Λ J + τI, the exact Fisher here
     assert_close(kfac(inputs).to_dense(), fisher, **TOL)
@@ -207,30 +235,50 @@ def test_large_matrices_with_several_threads(threads: int) -> None:
         x, y = torch.randn(T, N, D), torch.randn(T, N, 1)
         structure = model_structure(model, x, y)
         inputs = CurvatureInputs(
-            task_density(model, structure), {"theta": model.theta_init}, torch.zeros(T, D), x, y, None,
-            torch.full((D,), 0.5), False,
+            task_density(model, structure),
+            {"theta": model.theta_init},
+            torch.zeros(T, D),
+            x,
+            y,
+            None,
+            torch.full((D,), 0.5),
+            False,
         )
         for name in ("ggn", "full"):
             estimate = build_curvature(name, inputs)
             H = estimate.to_dense()
             for j in range(T):  # one matrix at a time: outside the batched code path
-                assert_close(estimate.logdet()[j], torch.linalg.eigvalsh(H[j]).log().sum(), atol=1e-8, rtol=1e-10)
+                assert_close(
+                    estimate.logdet()[j],
+                    torch.linalg.eigvalsh(H[j]).log().sum(),
+                    atol=1e-8,
+                    rtol=1e-10,
+                )
                 rhs = torch.randn(D)
-                assert_close(estimate.solve(rhs.expand(T, D))[j], torch.linalg.lstsq(H[j], rhs.unsqueeze(-1)).solution.squeeze(-1), atol=1e-8, rtol=1e-8)
+                assert_close(
+                    estimate.solve(rhs.expand(T, D))[j],
+                    torch.linalg.lstsq(H[j], rhs.unsqueeze(-1)).solution.squeeze(-1),
+                    atol=1e-8,
+                    rtol=1e-8,
+                )
     finally:
         torch.set_num_threads(previous)
 
 
 def test_registry_names_callables_and_errors() -> None:
     assert {"full", "ggn", "diag", "kfac"} <= set(available_curvatures())
-    with pytest.raises(ValueError, match=r"unknown curvature 'exact'; registered: \['diag', 'full', 'ggn', 'kfac'"):
+    with pytest.raises(
+        ValueError, match=r"unknown curvature 'exact'; registered: \['diag', 'full', 'ggn', 'kfac'"
+    ):
         get_curvature("exact")
 
     def prior_only(inputs: CurvatureInputs) -> CurvatureEstimate:
         return DiagonalCurvature(inputs.prior_precision_matrix())
 
     inputs = regression_inputs()
-    assert_close(build_curvature(prior_only, inputs).logdet(), inputs.prior_precision_matrix().log().sum(-1))
+    assert_close(
+        build_curvature(prior_only, inputs).logdet(), inputs.prior_precision_matrix().log().sum(-1)
+    )
     register_curvature("prior_only_test", prior_only)
     try:
         assert "prior_only_test" in available_curvatures()
@@ -248,10 +296,34 @@ def test_ggn_needs_a_known_likelihood() -> None:
     inputs = regression_inputs()
     generic = PyroTaskDensity(inputs.density.model, inputs.density.structure)  # type: ignore[attr-defined]
     with pytest.raises(ModelContractError, match="curvature='full'"):
-        build_curvature("ggn", CurvatureInputs(generic, inputs.params, inputs.phi, inputs.x, inputs.y, None, inputs.prior_precision, False))
+        build_curvature(
+            "ggn",
+            CurvatureInputs(
+                generic,
+                inputs.params,
+                inputs.phi,
+                inputs.x,
+                inputs.y,
+                None,
+                inputs.prior_precision,
+                False,
+            ),
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        full = build_curvature("full", CurvatureInputs(generic, inputs.params, inputs.phi, inputs.x, inputs.y, None, inputs.prior_precision, False))
+        full = build_curvature(
+            "full",
+            CurvatureInputs(
+                generic,
+                inputs.params,
+                inputs.phi,
+                inputs.x,
+                inputs.y,
+                None,
+                inputs.prior_precision,
+                False,
+            ),
+        )
         native_full = build_curvature("full", inputs)
     assert_close(full.to_dense(), native_full.to_dense(), **TOL)
 
@@ -264,11 +336,13 @@ def test_per_task_noise_gets_its_fisher_information() -> None:
     structure = model_structure(model, batch.support_x, batch.support_y)
     density = task_density(model, structure)
     D = structure.num_params
-    assert D == model.num_network_params + 1
+    assert model.num_network_params + 1 == D
     phi = model.theta_init + 0.2 * torch.randn(3, D)
     P = density.prior_precision({"theta": model.theta_init})
     assert_close(P[-1], torch.tensor(1 / 0.09))
-    inputs = CurvatureInputs(density, {"theta": model.theta_init}, phi, batch.support_x, batch.support_y, None, P, False)
+    inputs = CurvatureInputs(
+        density, {"theta": model.theta_init}, phi, batch.support_x, batch.support_y, None, P, False
+    )
     for name in ("ggn", "diag", "kfac"):
         H = build_curvature(name, inputs).to_dense()
         assert_close(H[:, -1, -1], (P[-1] + 2.0 * 5).expand(3))
@@ -278,8 +352,12 @@ def test_per_task_noise_gets_its_fisher_information() -> None:
     H = build_curvature("ggn", inputs).to_dense()
     phi_net = phi[:, :-1].clone().requires_grad_(True)
     f = model.net(phi_net, batch.support_x)
-    J = torch.stack([torch.autograd.grad(f[:, n, 0].sum(), phi_net, retain_graph=True)[0] for n in range(5)], 1)
-    expected = J.transpose(1, 2) @ J / sigma[:, None, None] ** 2 + torch.diag_embed(P[:-1].expand(3, -1))
+    J = torch.stack(
+        [torch.autograd.grad(f[:, n, 0].sum(), phi_net, retain_graph=True)[0] for n in range(5)], 1
+    )
+    expected = J.transpose(1, 2) @ J / sigma[:, None, None] ** 2 + torch.diag_embed(
+        P[:-1].expand(3, -1)
+    )
     assert_close(H[:, :-1, :-1], expected, **TOL)
 
 
@@ -290,9 +368,15 @@ def test_eigenvalue_floor_is_differentiable_even_when_eigenvalues_repeat() -> No
     A = torch.randn(2, 5, 5)
     A = (A + A.transpose(1, 2)).requires_grad_(True)
     floor = torch.tensor([0.5, 1.0], requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, f: clamp_eigenvalues(0.5 * (a + a.transpose(1, 2)), f), (A, floor))
+    assert torch.autograd.gradcheck(
+        lambda a, f: clamp_eigenvalues(0.5 * (a + a.transpose(1, 2)), f), (A, floor)
+    )
     # several eigenvalues raised to one floor: eigh's own backward would divide by zero gaps
-    B = torch.diag(torch.tensor([-3.0, -2.0, -2.5, 0.0, 5.0, 7.0])).unsqueeze(0).requires_grad_(True)
+    B = (
+        torch.diag(torch.tensor([-3.0, -2.0, -2.5, 0.0, 5.0, 7.0]))
+        .unsqueeze(0)
+        .requires_grad_(True)
+    )
     out = torch.logdet(clamp_eigenvalues(B, torch.tensor([1.0]))[0])
     (grad,) = torch.autograd.grad(out, B)
     assert bool(torch.isfinite(grad).all())

@@ -22,7 +22,9 @@ from tests.helpers import regression_batch, tiny_mlp
 
 
 def small_fit(**kwargs: object) -> FitResult:
-    options: dict[str, object] = dict(meta_steps=20, meta_batch_size=4, step_size=0.05, progress=False)
+    options: dict[str, object] = dict(
+        meta_steps=20, meta_batch_size=4, step_size=0.05, progress=False
+    )
     options.update(kwargs)
     return fit(NeuralRegression(tiny_mlp(5)), SinusoidTasks(shots=5, query_shots=5), **options)  # type: ignore[arg-type]
 
@@ -31,9 +33,14 @@ def test_fit_returns_a_result_that_adapts_and_predicts() -> None:
     result = small_fit()
     assert len(result.history) == 20 and result.method == "maml"
     assert set(result.params) == {"theta", "noise_scale"}
-    batch = SinusoidTasks(shots=5, query_shots=7).sample(3, generator=torch.Generator().manual_seed(9))
+    batch = SinusoidTasks(shots=5, query_shots=7).sample(
+        3, generator=torch.Generator().manual_seed(9)
+    )
     posterior = result.adapt(batch)
-    assert isinstance(posterior, PointMassPosterior) and posterior.mean.shape == (3, result.theta.numel())
+    assert isinstance(posterior, PointMassPosterior) and posterior.mean.shape == (
+        3,
+        result.theta.numel(),
+    )
     prediction = result.predict(batch)
     assert isinstance(prediction, GaussianPrediction) and prediction.mean.shape == (3, 7, 1)
     assert_close(prediction.variance, result.params["noise_scale"].square().expand(3, 7, 1))
@@ -42,7 +49,11 @@ def test_fit_returns_a_result_that_adapts_and_predicts() -> None:
     assert_close(result.adapt(batch, inner_steps=0).mean, result.theta.expand(3, -1))
     assert result.guide.inner_steps == 1
     metrics = result.evaluate(batch)
-    assert metrics.mse is not None and metrics.mse.shape == (3,) and set(metrics.coverage) == {0.5, 0.9}
+    assert (
+        metrics.mse is not None
+        and metrics.mse.shape == (3,)
+        and set(metrics.coverage) == {0.5, 0.9}
+    )
 
 
 def test_fit_is_reproducible_with_a_seed() -> None:
@@ -55,7 +66,9 @@ def test_divergence_raises_with_the_last_finite_state() -> None:
     batch = regression_batch(d=1)
     model = BayesianLinearRegression(1, bias=True)
     # 1 - alpha * lambda is far below -1, so the inner iterates grow geometrically to infinity
-    with pytest.raises(MetaTrainingDiverged, match="meta-step 0: .*Try a smaller step_size") as info:
+    with pytest.raises(
+        MetaTrainingDiverged, match=r"meta-step 0: .*Try a smaller step_size"
+    ) as info:
         fit(model, batch, step_size=10.0, inner_steps=300, meta_steps=5, progress=False)
     result = info.value.result
     assert all(torch.isfinite(torch.tensor(result.history)))
@@ -67,9 +80,17 @@ def test_bad_task_data_is_refused_before_training() -> None:
     x = batch.query_x.clone()
     x[1, 2, 0] = float("nan")
     with pytest.raises(TaskDataError, match="query_x of task 1, point 2 is nan"):
-        fit(NeuralRegression(tiny_mlp(3)), TaskBatch(batch.support_x, batch.support_y, x, batch.query_y), progress=False)
+        fit(
+            NeuralRegression(tiny_mlp(3)),
+            TaskBatch(batch.support_x, batch.support_y, x, batch.query_y),
+            progress=False,
+        )
     with pytest.raises(TaskDataError, match="meta-training needs a query set"):
-        fit(NeuralRegression(tiny_mlp(3)), TaskBatch(batch.support_x, batch.support_y), progress=False)
+        fit(
+            NeuralRegression(tiny_mlp(3)),
+            TaskBatch(batch.support_x, batch.support_y),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="unknown method 'reptile'"):
         fit(NeuralRegression(tiny_mlp(3)), batch, method="reptile", progress=False)
 
@@ -87,7 +108,9 @@ def test_fit_on_cuda_matches_cpu() -> None:
     gpu = small_fit(seed=1, meta_steps=5, device="cuda")
     assert gpu.theta.device.type == "cuda"
     assert_close(torch.tensor(gpu.history), torch.tensor(cpu.history), rtol=1e-6, atol=1e-8)
-    batch = SinusoidTasks(shots=5, query_shots=5).sample(4, generator=torch.Generator().manual_seed(0))
+    batch = SinusoidTasks(shots=5, query_shots=5).sample(
+        4, generator=torch.Generator().manual_seed(0)
+    )
     assert gpu.predict(batch).mean.device.type == "cuda"
 
 
@@ -96,7 +119,12 @@ def test_unequal_task_sizes_are_masked_exactly() -> None:
     g = torch.Generator().manual_seed(0)
     sizes = [(3, 4), (6, 2), (4, 5)]
     tasks = [
-        (torch.randn(n, 2, generator=g), torch.randn(n, 1, generator=g), torch.randn(m, 2, generator=g), torch.randn(m, 1, generator=g))
+        (
+            torch.randn(n, 2, generator=g),
+            torch.randn(n, 1, generator=g),
+            torch.randn(m, 2, generator=g),
+            torch.randn(m, 1, generator=g),
+        )
         for n, m in sizes
     ]
     collection = TaskCollection(tasks)
@@ -106,7 +134,12 @@ def test_unequal_task_sizes_are_masked_exactly() -> None:
     batch = collection.batch()
     assert batch.support_mask is not None
     together = objective.differentiable_loss(model, result.guide, batch)
-    alone = [objective.differentiable_loss(model, result.guide, TaskBatch(*(t.unsqueeze(0) for t in task))) for task in tasks]
+    alone = [
+        objective.differentiable_loss(
+            model, result.guide, TaskBatch(*(t.unsqueeze(0) for t in task))
+        )
+        for task in tasks
+    ]
     assert_close(together, torch.stack(alone).mean())
 
 
@@ -114,10 +147,17 @@ def test_short_demo_run_beats_no_adaptation() -> None:
     """The demo configuration (10-shot sinusoid, one inner step of MAML's 0.01 on the MSE)
     meta-trained briefly already beats predicting at theta, task by task."""
     result = fit(
-        NeuralRegression(), SinusoidTasks(shots=10, query_shots=10), meta_steps=1500,
-        step_size=2 * 0.01 / 10, seed=0, progress=False, dtype=torch.float32,
+        NeuralRegression(),
+        SinusoidTasks(shots=10, query_shots=10),
+        meta_steps=1500,
+        step_size=2 * 0.01 / 10,
+        seed=0,
+        progress=False,
+        dtype=torch.float32,
     )
-    test = SinusoidTasks(shots=10, query_shots=10).sample(300, generator=torch.Generator().manual_seed(5))
+    test = SinusoidTasks(shots=10, query_shots=10).sample(
+        300, generator=torch.Generator().manual_seed(5)
+    )
     adapted = result.evaluate(test.to(dtype=torch.float32))
     unadapted = result.evaluate(test.to(dtype=torch.float32), inner_steps=0)
     assert adapted.mse is not None and unadapted.mse is not None

@@ -34,7 +34,9 @@ def test_guide_emits_point_masses_at_the_model_sites_inside_the_tasks_plate() ->
     frames = {f.name: f.dim for f in phi_site["cond_indep_stack"]}
     assert frames == {"tasks": -2}
     # replaying the model on the query set puts the adapted phi at the model's own site
-    model_trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(batch.query_x, batch.query_y)
+    model_trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(
+        batch.query_x, batch.query_y
+    )
     assert_close(model_trace.nodes["phi"]["value"], phi_site["value"])
     assert not model_trace.nodes["phi"]["is_observed"]
     # and the replayed query log likelihood is the one the MAML objective uses

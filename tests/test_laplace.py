@@ -24,21 +24,32 @@ from hierbayes.inference.llama import (
     LinearizedPredictiveObjective,
     llama_objective,
 )
-from hierbayes.models import BayesianLinearRegression, NeuralRegression, model_structure, task_density
+from hierbayes.models import (
+    BayesianLinearRegression,
+    NeuralRegression,
+    model_structure,
+    task_density,
+)
 from hierbayes.tasks import SinusoidTasks
 from tests.helpers import regression_batch, tiny_mlp
 
 TOL = dict(atol=1e-8, rtol=1e-8)
 
 
-def closed_form_log_evidence(X: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, sigma: float, s: float) -> torch.Tensor:
+def closed_form_log_evidence(
+    X: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, sigma: float, s: float
+) -> torch.Tensor:
     r""":math:`\log\mathcal N(y; X\theta, \sigma^2 I + s^2 XX^\top)` per task (MATH.md §3)."""
     N = X.shape[1]
     cov = sigma**2 * torch.eye(N) + s**2 * X @ X.transpose(1, 2)
     r = (y.squeeze(-1) - X @ theta).unsqueeze(-1)
     chol = torch.linalg.cholesky(cov)
     quad = torch.cholesky_solve(r, chol).squeeze(-1).mul(r.squeeze(-1)).sum(-1)
-    return -0.5 * quad - torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1) - 0.5 * N * math.log(2 * math.pi)
+    return (
+        -0.5 * quad
+        - torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
+        - 0.5 * N * math.log(2 * math.pi)
+    )
 
 
 def linear_setup(d: int = 3, sigma: float = 0.5, s: float = 0.8):  # type: ignore[no-untyped-def]
@@ -54,27 +65,49 @@ def linear_setup(d: int = 3, sigma: float = 0.5, s: float = 0.8):  # type: ignor
 @pytest.mark.parametrize("curvature", ["ggn", "full"])
 def test_laplace_evidence_is_exact_on_the_linear_gaussian_model(curvature: str) -> None:
     sigma, s = 0.5, 0.8
-    batch, model, density, params, X = linear_setup(sigma=sigma, s=s)
+    batch, _model, density, params, X = linear_setup(sigma=sigma, s=s)
     expected = closed_form_log_evidence(X, batch.support_y, params["theta"], sigma, s)
     # at an arbitrary point, with the one-Newton-step correction
     phi = torch.randn(4, 4)
-    got = laplace_log_evidence(density, params, phi, batch.support_x, batch.support_y, curvature=curvature)
+    got = laplace_log_evidence(
+        density, params, phi, batch.support_x, batch.support_y, curvature=curvature
+    )
     assert_close(got, expected, **TOL)
     # at the mode the classical Laplace evidence (no correction) is exact
     H = X.transpose(1, 2) @ X / sigma**2 + torch.eye(4) / s**2
-    mode = torch.linalg.solve(H, (X.transpose(1, 2) @ batch.support_y).squeeze(-1) / sigma**2 + params["theta"] / s**2)
-    at_mode = laplace_log_evidence(density, params, mode, batch.support_x, batch.support_y, curvature=curvature, newton_correction=False)
+    mode = torch.linalg.solve(
+        H, (X.transpose(1, 2) @ batch.support_y).squeeze(-1) / sigma**2 + params["theta"] / s**2
+    )
+    at_mode = laplace_log_evidence(
+        density,
+        params,
+        mode,
+        batch.support_x,
+        batch.support_y,
+        curvature=curvature,
+        newton_correction=False,
+    )
     assert_close(at_mode, expected, **TOL)
     # away from the mode the uncorrected formula is not exact: the correction matters
-    off = laplace_log_evidence(density, params, phi, batch.support_x, batch.support_y, curvature=curvature, newton_correction=False)
+    off = laplace_log_evidence(
+        density,
+        params,
+        phi,
+        batch.support_x,
+        batch.support_y,
+        curvature=curvature,
+        newton_correction=False,
+    )
     assert (off - expected).abs().min() > 1e-3
 
 
 def test_laplace_posterior_is_the_exact_posterior_on_the_linear_model() -> None:
     sigma, s = 0.5, 0.8
-    batch, model, density, params, X = linear_setup(sigma=sigma, s=s)
+    batch, _model, density, params, X = linear_setup(sigma=sigma, s=s)
     H = X.transpose(1, 2) @ X / sigma**2 + torch.eye(4) / s**2
-    mean = torch.linalg.solve(H, (X.transpose(1, 2) @ batch.support_y).squeeze(-1) / sigma**2 + params["theta"] / s**2)
+    mean = torch.linalg.solve(
+        H, (X.transpose(1, 2) @ batch.support_y).squeeze(-1) / sigma**2 + params["theta"] / s**2
+    )
     posterior = laplace_posterior(density, params, mean, batch.support_x, batch.support_y)
     assert_close(posterior.covariance(), torch.linalg.inv(H), **TOL)
     # the linearised predictive of a linear model is its exact posterior predictive
@@ -83,7 +116,12 @@ def test_laplace_posterior_is_the_exact_posterior_on_the_linear_model() -> None:
     assert_close(prediction.mean.squeeze(-1), (Xq @ mean.unsqueeze(-1)).squeeze(-1), **TOL)
     exact_var = (Xq @ torch.linalg.inv(H) * Xq).sum(-1) + sigma**2
     assert_close(prediction.variance.squeeze(-1), exact_var, **TOL)
-    sampled = posterior.predict(batch.query_x, method="sampled", num_samples=20000, generator=torch.Generator().manual_seed(0))
+    sampled = posterior.predict(
+        batch.query_x,
+        method="sampled",
+        num_samples=20000,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert_close(sampled.mean, prediction.mean, atol=0.03, rtol=0)
     assert_close(sampled.variance, prediction.variance, atol=0, rtol=0.05)
 
@@ -106,7 +144,13 @@ def test_linearized_variance_matches_the_dense_formula(curvature: str) -> None:
     prediction = linearized_predictive(estimate, inputs, batch.query_x)
     phi_leaf = phi.clone().requires_grad_(True)
     f = model.net(phi_leaf, batch.query_x)
-    J = torch.stack([torch.autograd.grad(f[:, m, 0].sum(), phi_leaf, retain_graph=True)[0] for m in range(f.shape[1])], 1)
+    J = torch.stack(
+        [
+            torch.autograd.grad(f[:, m, 0].sum(), phi_leaf, retain_graph=True)[0]
+            for m in range(f.shape[1])
+        ],
+        1,
+    )
     cov = torch.linalg.inv(estimate.to_dense())
     expected = (J @ cov * J).sum(-1) + 0.16
     assert_close(prediction.variance.squeeze(-1), expected, **TOL)
@@ -136,10 +180,14 @@ def test_objective_gradients_match_central_differences(name: str) -> None:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the paper's loss warns about the learned prior scale
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # the paper's loss warns about the learned prior scale
         loss = objective.differentiable_loss(model, guide, batch)
         params = [guide.locs.theta_unconstrained, guide.locs.noise_scale_unconstrained]
-        if not name.startswith("paper"):  # the paper's loss holds a learned prior scale fixed on purpose
+        if not name.startswith(
+            "paper"
+        ):  # the paper's loss holds a learned prior scale fixed on purpose
             params.append(guide.locs.prior_scale_unconstrained)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         eps = 1e-6
@@ -154,7 +202,12 @@ def test_objective_gradients_match_central_differences(name: str) -> None:
                     down = objective.differentiable_loss(model, guide, batch).item()
                     flat[i] += eps
                 numeric = (up - down) / (2 * eps)
-                assert abs(grad.view(-1)[i].item() - numeric) <= 1e-5 * (1 + abs(numeric)), (name, i, grad.view(-1)[i].item(), numeric)
+                assert abs(grad.view(-1)[i].item() - numeric) <= 1e-5 * (1 + abs(numeric)), (
+                    name,
+                    i,
+                    grad.view(-1)[i].item(),
+                    numeric,
+                )
 
 
 def test_paper_loss_warns_and_holds_a_learned_prior_precision_fixed() -> None:
@@ -174,18 +227,34 @@ def test_paper_loss_warns_and_holds_a_learned_prior_precision_fixed() -> None:
 
 def test_fit_llama_returns_laplace_posteriors_and_works_with_svi() -> None:
     source = SinusoidTasks(shots=5, query_shots=5)
-    result = fit(NeuralRegression(tiny_mlp(8)), source, method="llama", objective="predictive", meta_steps=10, meta_batch_size=4, step_size=0.05, progress=False)
+    result = fit(
+        NeuralRegression(tiny_mlp(8)),
+        source,
+        method="llama",
+        objective="predictive",
+        meta_steps=10,
+        meta_batch_size=4,
+        step_size=0.05,
+        progress=False,
+    )
     batch = source.sample(3, generator=torch.Generator().manual_seed(0))
     posterior = result.adapt(batch)
     assert isinstance(posterior, LaplacePosterior)
     prediction = result.predict(batch)
     assert prediction.variance.shape == (3, 5, 1)
-    assert bool((prediction.variance > result.params["noise_scale"] ** 2).all())  # parameter uncertainty adds
+    assert bool(
+        (prediction.variance > result.params["noise_scale"] ** 2).all()
+    )  # parameter uncertainty adds
     with pytest.raises(ValueError, match="unknown LLAMA objective 'elbo'"):
         llama_objective(objective="elbo")
     model = NeuralRegression(tiny_mlp(5))
     guide = TruncatedGradientGuide(model, batch, step_size=0.05)
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), loss=LinearizedPredictiveObjective(curvature="ggn"))
+    svi = pyro.infer.SVI(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 0.02}),
+        loss=LinearizedPredictiveObjective(curvature="ggn"),
+    )
     losses = [svi.step(batch) for _ in range(30)]
     assert losses[-1] < losses[0]
 
@@ -194,7 +263,16 @@ def test_fit_llama_returns_laplace_posteriors_and_works_with_svi() -> None:
 @pytest.mark.parametrize("curvature", ["ggn", "kfac", "diag"])
 def test_llama_on_cuda_matches_cpu(curvature: str) -> None:
     source = SinusoidTasks(shots=5, query_shots=5)
-    options = dict(method="llama", objective="predictive", curvature=curvature, meta_steps=3, meta_batch_size=4, step_size=0.05, progress=False, seed=2)
+    options = dict(
+        method="llama",
+        objective="predictive",
+        curvature=curvature,
+        meta_steps=3,
+        meta_batch_size=4,
+        step_size=0.05,
+        progress=False,
+        seed=2,
+    )
     cpu = fit(NeuralRegression(tiny_mlp(8)), source, **options)  # type: ignore[arg-type]
     gpu = fit(NeuralRegression(tiny_mlp(8)), source, device="cuda", **options)  # type: ignore[arg-type]
     assert_close(torch.tensor(gpu.history), torch.tensor(cpu.history), rtol=1e-6, atol=1e-8)

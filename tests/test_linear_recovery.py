@@ -184,7 +184,9 @@ def test_fit_llama_evidence_lands_on_the_closed_form_empirical_bayes() -> None:
     xs, ys, xq, yq = simulate(J, g)
     closed = estimators(xs, ys, xq, yq)["empirical_bayes"]
     pyro.clear_param_store()
-    model = BayesianLinearRegression(2, bias=True, noise_scale=SIGMA, prior_scale=PRIOR_SCALE, hyperprior_scale=None)
+    model = BayesianLinearRegression(
+        2, bias=True, noise_scale=SIGMA, prior_scale=PRIOR_SCALE, hyperprior_scale=None
+    )
     result = fit(
         model,
         TaskCollection.from_tensors(xs, ys, xq, yq),

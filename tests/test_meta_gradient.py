@@ -49,11 +49,19 @@ def reference_maml_loss(theta, sigma, alpha, batch, *, steps, first_order, hidde
     return total / T
 
 
-def build(hidden: int, steps: int, first_order: bool, learn_step_size: str = "fixed", alpha: float = 0.05):  # type: ignore[no-untyped-def]
+def build(
+    hidden: int, steps: int, first_order: bool, learn_step_size: str = "fixed", alpha: float = 0.05
+):  # type: ignore[no-untyped-def]
     batch = regression_batch(T=4, N=6, M=5)
-    model = TaskModel(tiny_mlp(hidden), GaussianLikelihood(0.7, learned=True), hyperprior_scale=10.0)
+    model = TaskModel(
+        tiny_mlp(hidden), GaussianLikelihood(0.7, learned=True), hyperprior_scale=10.0
+    )
     guide = TruncatedGradientGuide(
-        model, batch, inner_steps=steps, step_size=alpha, first_order=first_order,
+        model,
+        batch,
+        inner_steps=steps,
+        step_size=alpha,
+        first_order=first_order,
         learn_step_size=learn_step_size,  # type: ignore[arg-type]
     )
     # Move away from the initial point so every term has a non-trivial gradient.
@@ -72,7 +80,9 @@ def test_meta_gradient_matches_loop_over_tasks(steps: int, first_order: bool) ->
 
     theta = guide.locs.theta.detach().clone().requires_grad_(True)
     log_sigma = guide.locs.noise_scale_unconstrained.detach().clone().requires_grad_(True)
-    ref = reference_maml_loss(theta, log_sigma.exp(), alpha, batch, steps=steps, first_order=first_order, hidden=hidden)
+    ref = reference_maml_loss(
+        theta, log_sigma.exp(), alpha, batch, steps=steps, first_order=first_order, hidden=hidden
+    )
     ref.backward()
 
     assert_close(loss.detach(), ref.detach(), **TOL)
@@ -81,7 +91,13 @@ def test_meta_gradient_matches_loop_over_tasks(steps: int, first_order: bool) ->
     # the two orders share the loss but not the gradient: the test can tell them apart
     t2 = theta.detach().clone().requires_grad_(True)
     reference_maml_loss(
-        t2, log_sigma.exp().detach(), alpha, batch, steps=steps, first_order=not first_order, hidden=hidden
+        t2,
+        log_sigma.exp().detach(),
+        alpha,
+        batch,
+        steps=steps,
+        first_order=not first_order,
+        hidden=hidden,
     ).backward()
     assert (t2.grad - theta.grad).abs().max() > 1e-6
 
@@ -91,14 +107,18 @@ def test_learned_step_size_gradients(mode: str) -> None:
     hidden, alpha, steps = 4, 0.03, 2
     batch, model, guide = build(hidden, steps, False, learn_step_size=mode, alpha=alpha)
     with torch.no_grad():  # make per-parameter steps differ
-        guide.step_size_param_unconstrained.add_(0.2 * torch.randn_like(guide.step_size_param_unconstrained))
+        guide.step_size_param_unconstrained.add_(
+            0.2 * torch.randn_like(guide.step_size_param_unconstrained)
+        )
     loss = MAMLObjective().differentiable_loss(model, guide, batch)
     loss.backward()
 
     theta = guide.locs.theta.detach().clone().requires_grad_(True)
     step = guide.step_size.detach().clone().requires_grad_(True)
     sigma = guide.locs.noise_scale.detach()
-    ref = reference_maml_loss(theta, sigma, step, batch, steps=steps, first_order=False, hidden=hidden)
+    ref = reference_maml_loss(
+        theta, sigma, step, batch, steps=steps, first_order=False, hidden=hidden
+    )
     ref.backward()
     assert_close(guide.locs.theta_unconstrained.grad, theta.grad, **TOL)
     # the guide stores log(alpha): dL/dlog(alpha) = alpha * dL/dalpha

@@ -21,19 +21,40 @@ def perturbed(net: BatchedNetwork, T: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     "make, input_shape",
     [
-        (lambda: nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)), (1,)),
-        (lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Sequential(nn.Linear(8, 8), nn.ELU()), nn.Linear(8, 4, bias=False)), (3,)),
         (
             lambda: nn.Sequential(
-                nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(4, 4, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(16, 5),
+                nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+            ),
+            (1,),
+        ),
+        (
+            lambda: nn.Sequential(
+                nn.Linear(3, 8),
+                nn.Tanh(),
+                nn.Sequential(nn.Linear(8, 8), nn.ELU()),
+                nn.Linear(8, 4, bias=False),
+            ),
+            (3,),
+        ),
+        (
+            lambda: nn.Sequential(
+                nn.Conv2d(1, 4, 3, padding=1),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(4, 4, 3),
+                nn.Sigmoid(),
+                nn.Flatten(),
+                nn.Linear(16, 5),
             ),
             (1, 8, 8),
         ),
     ],
     ids=["mlp-relu", "mlp-nested", "conv-bn-pool"],
 )
-def test_fast_path_matches_vmap_and_loop(make: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> None:
+def test_fast_path_matches_vmap_and_loop(
+    make: Callable[[], nn.Module], input_shape: tuple[int, ...]
+) -> None:
     module = make()
     net = BatchedNetwork(module)
     assert net.has_fast_path

@@ -49,8 +49,14 @@ def test_batch_errors_name_field_and_task() -> None:
 
 
 def test_collection_of_unequal_tasks_pads_and_masks() -> None:
+    rng = np.random.default_rng(0)
     tasks = [
-        (np.random.randn(n, 2), np.random.randn(n, 1), np.random.randn(m, 2), np.random.randn(m, 1))
+        (
+            rng.standard_normal((n, 2)),
+            rng.standard_normal((n, 1)),
+            rng.standard_normal((m, 2)),
+            rng.standard_normal((m, 1)),
+        )
         for n, m in [(3, 4), (5, 2), (1, 3)]
     ]
     coll = TaskCollection(tasks)
@@ -82,7 +88,9 @@ def test_collection_errors_name_the_task() -> None:
 
 
 def test_from_tensors_and_device_moves() -> None:
-    coll = TaskCollection.from_tensors(torch.randn(4, 3, 1), torch.randn(4, 3, 1), torch.randn(4, 2, 1), torch.randn(4, 2, 1))
+    coll = TaskCollection.from_tensors(
+        torch.randn(4, 3, 1), torch.randn(4, 3, 1), torch.randn(4, 2, 1), torch.randn(4, 2, 1)
+    )
     batch = coll.batch([1, 3]).to("cpu", dtype=torch.float32)
     assert batch.support_x.dtype == torch.float32 and batch.task_ids.tolist() == [1, 3]
     assert not coll.is_ragged and coll.batch().support_mask is None
@@ -109,13 +117,15 @@ def test_episodic_sampler_makes_n_way_k_shot_episodes() -> None:
 
 def test_episodic_sampler_errors() -> None:
     with pytest.raises(TaskDataError, match="class 1 has 2 examples but an episode needs 3"):
-        EpisodicSampler(torch.zeros(5, 1), torch.tensor([0, 0, 0, 1, 1]), ways=2, shots=1, query_shots=2)
+        EpisodicSampler(
+            torch.zeros(5, 1), torch.tensor([0, 0, 0, 1, 1]), ways=2, shots=1, query_shots=2
+        )
     with pytest.raises(TaskDataError, match="labels must have shape"):
         EpisodicSampler(torch.zeros(5, 1), torch.tensor([0, 1]), ways=2, shots=1)
 
 
 def test_collection_keeps_the_requested_precision() -> None:
-    x = np.random.randn(2, 3, 1)
+    x = np.random.default_rng(1).standard_normal((2, 3, 1))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:

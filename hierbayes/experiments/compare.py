@@ -217,8 +217,14 @@ def laplace_approximations(result: FitResult, tasks: TaskBatch) -> dict[str, Any
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # an indefinite Hessian is repaired
             posterior = laplace_posterior(
-                density, result.params, start, tasks.support_x, tasks.support_y,
-                tasks.support_mask, curvature=curvature, refine_steps=3,
+                density,
+                result.params,
+                start,
+                tasks.support_x,
+                tasks.support_y,
+                tasks.support_mask,
+                curvature=curvature,
+                refine_steps=3,
             )
         rows[f"laplace_{curvature}"] = (posterior, time.perf_counter() - started)
     return rows

@@ -460,8 +460,11 @@ def theta_recovery(config: LinearConfig) -> dict[str, Any]:
             fitted["max_abs_vs_closed_form"].append(float((result.theta - closed).abs().max()))
             closed_eb = _estimates(xs, ys, xq, yq, config)["empirical_bayes"].theta
             evidence_model = BayesianLinearRegression(
-                D - 1, bias=True, noise_scale=config.noise_scale,
-                prior_scale=config.prior_scale, hyperprior_scale=None,
+                D - 1,
+                bias=True,
+                noise_scale=config.noise_scale,
+                prior_scale=config.prior_scale,
+                hyperprior_scale=None,
             )
             started = time.perf_counter()
             evidence = fit(
@@ -481,7 +484,9 @@ def theta_recovery(config: LinearConfig) -> dict[str, Any]:
             fitted_evidence["seconds"].append(round(time.perf_counter() - started, 3))
             fitted_evidence["error"].append(float((evidence.theta - theta_star).norm()))
             fitted_evidence["closed_form_error"].append(float((closed_eb - theta_star).norm()))
-            fitted_evidence["max_abs_vs_closed_form"].append(float((evidence.theta - closed_eb).abs().max()))
+            fitted_evidence["max_abs_vs_closed_form"].append(
+                float((evidence.theta - closed_eb).abs().max())
+            )
     logJ = torch.log(torch.tensor(config.task_counts, dtype=torch.float64))
     for values in series.values():
         # Least-squares slope of log RMS error against log J: -1/2 for a √J-consistent estimator.

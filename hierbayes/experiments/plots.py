@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from hierbayes.inference import FitResult, GaussianPrediction  # noqa: E402
-from hierbayes.tasks import SinusoidTasks, TaskBatch  # noqa: E402
+from hierbayes.inference import FitResult, GaussianPrediction
+from hierbayes.tasks import SinusoidTasks, TaskBatch
 
 __all__ = ["plot_ambiguous_tasks", "plot_sinusoid_tasks"]
 
@@ -43,18 +44,47 @@ def plot_sinusoid_tasks(
             ax.axis("off")
             continue
         ax.plot(grid, truth[i, :, 0], color="black", lw=1.5, label="true function")
-        ax.plot(grid, before.mean[i, :, 0].cpu(), color="tab:gray", ls="--", lw=1.2, label="before adaptation (θ̂)")
-        ax.plot(grid, after.mean[i, :, 0].cpu(), color="tab:red", lw=1.5, label=f"after {result.guide.inner_steps} step(s)")
+        ax.plot(
+            grid,
+            before.mean[i, :, 0].cpu(),
+            color="tab:gray",
+            ls="--",
+            lw=1.2,
+            label="before adaptation (θ̂)",
+        )
+        ax.plot(
+            grid,
+            after.mean[i, :, 0].cpu(),
+            color="tab:red",
+            lw=1.5,
+            label=f"after {result.guide.inner_steps} step(s)",
+        )
         if isinstance(after, GaussianPrediction):
             lo, hi = after.interval(level)
-            ax.fill_between(grid, lo[i, :, 0].cpu(), hi[i, :, 0].cpu(), color="tab:red", alpha=0.15, label=f"{level:.0%} predictive interval")
-        ax.scatter(sub.support_x[i, :, 0], sub.support_y[i, :, 0], color="tab:blue", zorder=5, s=18, label="support points")
+            ax.fill_between(
+                grid,
+                lo[i, :, 0].cpu(),
+                hi[i, :, 0].cpu(),
+                color="tab:red",
+                alpha=0.15,
+                label=f"{level:.0%} predictive interval",
+            )
+        ax.scatter(
+            sub.support_x[i, :, 0],
+            sub.support_y[i, :, 0],
+            color="tab:blue",
+            zorder=5,
+            s=18,
+            label="support points",
+        )
         amp = float(sub.info["amplitude"][i])
         ax.set_title(f"task {i}: amplitude {amp:.2f}", fontsize=10)
         ax.set_ylim(-6, 6)
         if i == 0:
             ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(title or f"{result.method}: {sub.support_x.shape[1]}-shot sinusoid, held-out tasks")
+    fig.suptitle(
+        title or f"{result.method}: {sub.support_x.shape[1]}-shot sinusoid, held-out tasks"
+    )
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
@@ -87,19 +117,57 @@ def plot_ambiguous_tasks(
         ax.plot(grid, truth[0, :, 0], color="black", lw=1.5, label="true function")
         if isinstance(prediction, GaussianPrediction):
             lo, hi = prediction.interval(level)
-            ax.fill_between(grid, lo[0, :, 0].cpu(), hi[0, :, 0].cpu(), color="tab:red", alpha=0.15, label=f"{result.method} {level:.0%} predictive")
-        ax.plot(grid, prediction.mean[0, :, 0].cpu(), color="tab:red", lw=1.5, label=f"{result.method} mean")
+            ax.fill_between(
+                grid,
+                lo[0, :, 0].cpu(),
+                hi[0, :, 0].cpu(),
+                color="tab:red",
+                alpha=0.15,
+                label=f"{result.method} {level:.0%} predictive",
+            )
+        ax.plot(
+            grid,
+            prediction.mean[0, :, 0].cpu(),
+            color="tab:red",
+            lw=1.5,
+            label=f"{result.method} mean",
+        )
         if hasattr(posterior, "curvature"):
             draws = posterior.sample(num_samples, generator=torch.Generator().manual_seed(seed + k))
             with torch.no_grad():
-                f = posterior.density.outputs(posterior.params, draws[:, 0], x.expand(num_samples, -1, -1).to(result.device))  # type: ignore[attr-defined]
+                f = cast(Any, posterior.density).outputs(
+                    posterior.params, draws[:, 0], x.expand(num_samples, -1, -1).to(result.device)
+                )
             for s in range(num_samples):
-                ax.plot(grid, f[s, :, 0].cpu(), color="tab:red", lw=0.6, alpha=0.35, label="posterior samples" if s == 0 else None)
+                ax.plot(
+                    grid,
+                    f[s, :, 0].cpu(),
+                    color="tab:red",
+                    lw=0.6,
+                    alpha=0.35,
+                    label="posterior samples" if s == 0 else None,
+                )
         if maml is not None:
             maml_pred = maml.adapt(task).predict(x.to(maml.device))
-            ax.plot(grid, maml_pred.mean[0, :, 0].cpu(), color="tab:blue", lw=1.5, ls="--", label="MAML (one curve)")
-        ax.scatter(task.support_x[0, :, 0], task.support_y[0, :, 0], color="black", zorder=5, s=22, label="support points")
-        ax.set_title(f"{k} support points, amplitude {float(task.info['amplitude'][0]):.2f}", fontsize=10)
+            ax.plot(
+                grid,
+                maml_pred.mean[0, :, 0].cpu(),
+                color="tab:blue",
+                lw=1.5,
+                ls="--",
+                label="MAML (one curve)",
+            )
+        ax.scatter(
+            task.support_x[0, :, 0],
+            task.support_y[0, :, 0],
+            color="black",
+            zorder=5,
+            s=22,
+            label="support points",
+        )
+        ax.set_title(
+            f"{k} support points, amplitude {float(task.info['amplitude'][0]):.2f}", fontsize=10
+        )
         ax.set_ylim(-7, 7)
         if k == shots[0]:
             ax.legend(fontsize=7, loc="lower left")

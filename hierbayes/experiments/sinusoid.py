@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hierbayes.inference import FitResult, TaskMetrics, fit, mean_ci95
+from hierbayes.inference.guide import StepSizeMode
 from hierbayes.models import NeuralRegression
 from hierbayes.tasks import SinusoidTasks, TaskBatch
 
@@ -54,7 +55,7 @@ class SinusoidConfig:
     inner_steps: int = 1
     inner_lr: float = 0.01
     #: "fixed" (MAML), "scalar" or "per_parameter" (Meta-SGD's learned diagonal preconditioner).
-    learn_step_size: str = "fixed"
+    learn_step_size: StepSizeMode = "fixed"
     lr: float = 1e-3
     eval_tasks: int = 600
     pretrain_steps: int | None = None
@@ -90,14 +91,20 @@ def _model(config: SinusoidConfig, method: str) -> NeuralRegression:
         and config.method_options.get("objective", "predictive") != "paper"
     )
     return NeuralRegression(
-        per_task_noise=config.per_task_noise, prior_scale=config.prior_scale, learn_prior_scale=learn
+        per_task_noise=config.per_task_noise,
+        prior_scale=config.prior_scale,
+        learn_prior_scale=learn,
     )
 
 
-def evaluation_tasks(config: SinusoidConfig, num_tasks: int | None = None, shots: int | None = None) -> TaskBatch:
+def evaluation_tasks(
+    config: SinusoidConfig, num_tasks: int | None = None, shots: int | None = None
+) -> TaskBatch:
     """The fixed held-out tasks of the benchmark (independent of the training seed)."""
     source = SinusoidTasks(shots=shots or config.shots, query_shots=config.query_shots)
-    return source.sample(num_tasks or config.eval_tasks, generator=torch.Generator().manual_seed(EVAL_SEED))
+    return source.sample(
+        num_tasks or config.eval_tasks, generator=torch.Generator().manual_seed(EVAL_SEED)
+    )
 
 
 def coverage_by_amplitude(metrics: TaskMetrics, amplitude: torch.Tensor) -> dict[str, Any]:
@@ -119,14 +126,24 @@ def coverage_by_amplitude(metrics: TaskMetrics, amplitude: torch.Tensor) -> dict
     return out
 
 
-def _fit(config: SinusoidConfig, method: str, *, inner_steps: int, steps: int, seed: int, **options: Any) -> FitResult:
+def _fit(
+    config: SinusoidConfig, method: str, *, inner_steps: int, steps: int, seed: int, **options: Any
+) -> FitResult:
     torch.manual_seed(seed)  # the network's initialisation (theta_0) is part of the run's seed
     return fit(
-        _model(config, method), SinusoidTasks(shots=config.shots, query_shots=config.query_shots),
-        method=method, meta_steps=steps, meta_batch_size=config.meta_batch_size,
-        inner_steps=inner_steps, step_size=config.step_size, lr=config.lr, seed=seed,
+        _model(config, method),
+        SinusoidTasks(shots=config.shots, query_shots=config.query_shots),
+        method=method,
+        meta_steps=steps,
+        meta_batch_size=config.meta_batch_size,
+        inner_steps=inner_steps,
+        step_size=config.step_size,
+        lr=config.lr,
+        seed=seed,
         learn_step_size=config.learn_step_size if inner_steps > 0 else "fixed",
-        device=config.device, progress=config.progress, **options,
+        device=config.device,
+        progress=config.progress,
+        **options,
     )
 
 
@@ -150,20 +167,38 @@ def run_sinusoid(
     holds the fitted results under ``"_results"`` (not serialised).
     """
     started = time.perf_counter()
-    result = _fit(config, config.method, inner_steps=config.inner_steps, steps=config.meta_steps, seed=config.seed, **config.method_options)
+    result = _fit(
+        config,
+        config.method,
+        inner_steps=config.inner_steps,
+        steps=config.meta_steps,
+        seed=config.seed,
+        **config.method_options,
+    )
     train_seconds = time.perf_counter() - started
     test = evaluation_tasks(config)
     metrics = result.evaluate(test)
     no_adapt = result.evaluate(test, inner_steps=0)
 
-    pretrain_steps = config.pretrain_steps if config.pretrain_steps is not None else config.meta_steps
-    pretrained = pretrained_result or _fit(config, "maml", inner_steps=0, steps=pretrain_steps, seed=config.seed + 1)
+    pretrain_steps = (
+        config.pretrain_steps if config.pretrain_steps is not None else config.meta_steps
+    )
+    pretrained = pretrained_result or _fit(
+        config, "maml", inner_steps=0, steps=pretrain_steps, seed=config.seed + 1
+    )
     finetuned = pretrained.evaluate(test, inner_steps=config.inner_steps)
 
     summary = _report(metrics, test)
     report: dict[str, Any] = {
         "method": config.method,
-        **({"objective": config.method_options.get("objective", "predictive"), "curvature": config.method_options.get("curvature", "ggn")} if config.method == "llama" else {}),
+        **(
+            {
+                "objective": config.method_options.get("objective", "predictive"),
+                "curvature": config.method_options.get("curvature", "ggn"),
+            }
+            if config.method == "llama"
+            else {}
+        ),
         "shots": config.shots,
         "query_shots": config.query_shots,
         "meta_steps": config.meta_steps,
@@ -182,10 +217,24 @@ def run_sinusoid(
     }
     results: dict[str, FitResult] = {config.method: result, "pretrained": pretrained}
     if config.method == "llama" and config.predictive_samples > 0:
-        sampled = result.evaluate(test, method="sampled", num_samples=config.predictive_samples, generator=torch.Generator().manual_seed(config.seed))
-        report["sampled_predictive"] = {**_report(sampled, test), "num_samples": config.predictive_samples}
+        sampled = result.evaluate(
+            test,
+            method="sampled",
+            num_samples=config.predictive_samples,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        report["sampled_predictive"] = {
+            **_report(sampled, test),
+            "num_samples": config.predictive_samples,
+        }
     if config.method != "maml" and config.compare_maml:
-        maml = maml_result or _fit(config, "maml", inner_steps=config.inner_steps, steps=config.meta_steps, seed=config.seed)
+        maml = maml_result or _fit(
+            config,
+            "maml",
+            inner_steps=config.inner_steps,
+            steps=config.meta_steps,
+            seed=config.seed,
+        )
         results["maml"] = maml
         maml_metrics = maml.evaluate(test)
         report["baselines"]["maml"] = _report(maml_metrics, test)
@@ -211,11 +260,22 @@ def run_sinusoid(
             from hierbayes.experiments.plots import plot_ambiguous_tasks, plot_sinusoid_tasks
 
             report["figures"] = [
-                str(plot_sinusoid_tasks(result, test, folder / "sinusoid_tasks.png", num_tasks=config.plot_tasks))
+                str(
+                    plot_sinusoid_tasks(
+                        result, test, folder / "sinusoid_tasks.png", num_tasks=config.plot_tasks
+                    )
+                )
             ]
             if config.method != "maml":
                 report["figures"].append(
-                    str(plot_ambiguous_tasks(result, results.get("maml"), folder / "ambiguous_tasks.png", seed=config.seed))
+                    str(
+                        plot_ambiguous_tasks(
+                            result,
+                            results.get("maml"),
+                            folder / "ambiguous_tasks.png",
+                            seed=config.seed,
+                        )
+                    )
                 )
         (folder / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default))
     report["_results"] = results
@@ -247,7 +307,9 @@ def format_report(reports: list[dict[str, Any]]) -> str:
     def row(name: str, m: dict[str, Any]) -> str:
         cov = m.get("coverage", {})
         by_task = m.get("coverage_by_task", {})
-        terciles = "/".join(f"{by_task[t]['0.9']:.2f}" for t in ("low", "mid", "high")) if by_task else ""
+        terciles = (
+            "/".join(f"{by_task[t]['0.9']:.2f}" for t in ("low", "mid", "high")) if by_task else ""
+        )
         return (
             f"{name:34s} {cell(m['mse']):>16s} {cell(m['nll']):>16s} "
             f"{cov.get('0.5', float('nan')):>9.3f} {cov.get('0.9', float('nan')):>9.3f} {terciles:>28s}"
@@ -255,13 +317,19 @@ def format_report(reports: list[dict[str, Any]]) -> str:
 
     seen_maml = any(r["method"] == "maml" for r in reports)
     for r in reports:
-        label = r["method"] if r["method"] != "llama" else f"llama ({r.get('objective')}, {r.get('curvature')})"
+        label = (
+            r["method"]
+            if r["method"] != "llama"
+            else f"llama ({r.get('objective')}, {r.get('curvature')})"
+        )
         lines.append(row(f"{label}", r))
         if "sampled_predictive" in r:
             lines.append(row("  sampled predictive", r["sampled_predictive"]))
         if "maml" in r["baselines"] and not seen_maml:
             lines.append(row("maml (same budget)", r["baselines"]["maml"]))
-    lines.append(row(f"no adaptation (θ̂ of {first['method']})", first["baselines"]["no_adaptation"]))
+    lines.append(
+        row(f"no adaptation (θ̂ of {first['method']})", first["baselines"]["no_adaptation"])
+    )
     lines.append(row("pretrain + fine-tune", first["baselines"]["pretrain_finetune"]))
     for r in reports:
         if "paired_vs_maml" in r:

@@ -26,7 +26,12 @@ def mean_ci95(values: Tensor) -> dict[str, float]:
     v = values.detach().double().flatten()
     n = v.numel()
     sd = float(v.std(unbiased=True)) if n > 1 else float("nan")
-    return {"mean": float(v.mean()), "ci95": 1.96 * sd / math.sqrt(n) if n > 1 else float("nan"), "sd": sd, "n": n}
+    return {
+        "mean": float(v.mean()),
+        "ci95": 1.96 * sd / math.sqrt(n) if n > 1 else float("nan"),
+        "sd": sd,
+        "n": n,
+    }
 
 
 @dataclass
@@ -50,8 +55,12 @@ class TaskMetrics:
         first = parts[0]
         return cls(
             nll=torch.cat([p.nll for p in parts]),
-            mse=None if first.mse is None else torch.cat([p.mse for p in parts if p.mse is not None]),
-            accuracy=None if first.accuracy is None else torch.cat([p.accuracy for p in parts if p.accuracy is not None]),
+            mse=None
+            if first.mse is None
+            else torch.cat([p.mse for p in parts if p.mse is not None]),
+            accuracy=None
+            if first.accuracy is None
+            else torch.cat([p.accuracy for p in parts if p.accuracy is not None]),
             coverage={lvl: torch.cat([p.coverage[lvl] for p in parts]) for lvl in first.coverage},
         )
 
@@ -78,7 +87,11 @@ def evaluate_posterior(
     xq, yq, mask = batch.require_query("evaluation")
     prediction = posterior.predict(xq, **predict_options)
     with torch.no_grad():
-        weights = torch.ones(yq.shape[:2], dtype=xq.dtype if xq.is_floating_point() else torch.get_default_dtype(), device=yq.device)
+        weights = torch.ones(
+            yq.shape[:2],
+            dtype=xq.dtype if xq.is_floating_point() else torch.get_default_dtype(),
+            device=yq.device,
+        )
         if mask is not None:
             weights = mask.to(weights.dtype)
         counts = weights.sum(1)

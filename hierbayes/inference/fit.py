@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pyro
 import torch
@@ -32,7 +32,9 @@ from hierbayes.tasks.source import TaskSource
 __all__ = ["FitResult", "MetaTrainingDiverged", "Method", "fit", "methods", "register_method"]
 
 
-PosteriorFactory = Callable[[TruncatedGradientGuide, Mapping[str, Tensor], Tensor, TaskBatch, MetaObjective], TaskPosterior]
+PosteriorFactory = Callable[
+    [Any, Mapping[str, Tensor], Tensor, TaskBatch, MetaObjective], TaskPosterior
+]
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,11 @@ class _BatchSource:
         return self.batch.num_tasks
 
     def sample(
-        self, num_tasks: int, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+        self,
+        num_tasks: int,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
     ) -> TaskBatch:
         index = torch.randperm(self.batch.num_tasks, generator=generator)[:num_tasks]
         out = self.batch.select(index.to(self.batch.device))
@@ -222,7 +228,9 @@ class FitResult:
         for start in range(0, batch.num_tasks, chunk_size):
             chunk = batch.select(slice(start, start + chunk_size))
             posterior = self.adapt(chunk, inner_steps=inner_steps)
-            parts.append(evaluate_posterior(posterior, chunk.to(self.device), levels=levels, **kwargs))
+            parts.append(
+                evaluate_posterior(posterior, chunk.to(self.device), levels=levels, **kwargs)
+            )
         return TaskMetrics.concat(parts)
 
 
@@ -295,7 +303,9 @@ def fit(
         method_options["objective"] = objective
         objective = None
     if meta_steps < 0 or meta_batch_size < 1:
-        raise ValueError(f"need meta_steps >= 0 and meta_batch_size >= 1; got {meta_steps}, {meta_batch_size}")
+        raise ValueError(
+            f"need meta_steps >= 0 and meta_batch_size >= 1; got {meta_steps}, {meta_batch_size}"
+        )
     dev = _resolve_device(device)
     source: Any = _BatchSource(tasks) if isinstance(tasks, TaskBatch) else tasks
     if not callable(getattr(source, "sample", None)):
@@ -309,20 +319,39 @@ def fit(
         model.to(device=dev, dtype=dtype)
     first = source.sample(meta_batch_size, generator=generator, dtype=dtype)
     first = TaskBatch(
-        first.support_x, first.support_y, first.query_x, first.query_y, first.support_mask,
-        first.query_mask, first.task_ids, first.info,
+        first.support_x,
+        first.support_y,
+        first.query_x,
+        first.query_y,
+        first.support_mask,
+        first.query_mask,
+        first.task_ids,
+        first.info,
     ).to(dev)  # re-validated
     first.require_query("meta-training")
     config = dict(
-        method=method, meta_steps=meta_steps, meta_batch_size=meta_batch_size,
-        inner_steps=inner_steps, step_size=step_size, learn_step_size=learn_step_size,
-        first_order=first_order, inner_objective=inner_objective, lr=lr, seed=seed,
-        device=str(dev), dtype=dtype, **method_options,
+        method=method,
+        meta_steps=meta_steps,
+        meta_batch_size=meta_batch_size,
+        inner_steps=inner_steps,
+        step_size=step_size,
+        learn_step_size=learn_step_size,
+        first_order=first_order,
+        inner_objective=inner_objective,
+        lr=lr,
+        seed=seed,
+        device=str(dev),
+        dtype=dtype,
+        **method_options,
     )
     if guide is None:
         guide = TruncatedGradientGuide(
-            model, first, inner_steps=inner_steps, step_size=step_size,
-            learn_step_size=learn_step_size, first_order=first_order,
+            model,
+            first,
+            inner_steps=inner_steps,
+            step_size=step_size,
+            learn_step_size=learn_step_size,
+            first_order=first_order,
             inner_objective=inner_objective,
         )
     guide.to(dev)
@@ -333,7 +362,9 @@ def fit(
     optim = torch.optim.Adam(parameters, lr=lr)
     start = time.perf_counter()
     batch = first
-    bar = tqdm(range(meta_steps), disable=not progress, desc=f"meta-training ({method})", mininterval=1.0)
+    bar = tqdm(
+        range(meta_steps), disable=not progress, desc=f"meta-training ({method})", mininterval=1.0
+    )
     for step in bar:
         if step > 0:
             batch = source.sample(meta_batch_size, generator=generator, dtype=dtype).to(dev)
@@ -376,6 +407,7 @@ def _trainable_parameters(model: Any, guide: TruncatedGradientGuide) -> list[Ten
     store = pyro.get_param_store()
     for name in guide.structure.param_sites:
         if name in store:
-            p = store.get_param(name).unconstrained()
+            # pyro.param values carry their unconstrained tensor as an attribute
+            p = cast(Any, store.get_param(name)).unconstrained()
             seen[id(p)] = p
     return [p for p in seen.values() if p.requires_grad]

@@ -31,17 +31,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from torch.distributions import transform_to
-from pyro.poutine.runtime import am_i_wrapped
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
+from pyro.poutine.runtime import am_i_wrapped
 from torch import Tensor
+from torch.distributions import transform_to
 
 from hierbayes.errors import TaskDataError
 from hierbayes.inference.inner_loop import gradient_steps
@@ -122,7 +122,9 @@ class TruncatedGradientGuide(PyroModule):
                 f"learn_step_size must be 'fixed', 'scalar' or 'per_parameter'; got {learn_step_size!r}"
             )
         if inner_objective not in ("likelihood", "joint"):
-            raise ValueError(f"inner_objective must be 'likelihood' or 'joint'; got {inner_objective!r}")
+            raise ValueError(
+                f"inner_objective must be 'likelihood' or 'joint'; got {inner_objective!r}"
+            )
         x, y = (example.support_x, example.support_y) if isinstance(example, TaskBatch) else example
         self._model = (model,)  # a tuple, so the model is not registered as a submodule
         self.structure: ModelStructure = model_structure(model, x, y)
@@ -151,7 +153,12 @@ class TruncatedGradientGuide(PyroModule):
 
         D = self.structure.num_params
         ref = x if torch.is_floating_point(x) else torch.zeros((), dtype=torch.get_default_dtype())
-        init = torch.full((D,) if learn_step_size == "per_parameter" else (), float(step_size), dtype=ref.dtype, device=ref.device)
+        init = torch.full(
+            (D,) if learn_step_size == "per_parameter" else (),
+            float(step_size),
+            dtype=ref.dtype,
+            device=ref.device,
+        )
         if learn_step_size == "fixed":
             self.register_buffer("_fixed_step_size", init)
         else:
@@ -168,10 +175,8 @@ class TruncatedGradientGuide(PyroModule):
     def step_size(self) -> Tensor:
         r""":math:`\alpha`: a scalar or ``(D,)``."""
         if self.learn_step_size == "fixed":
-            fixed: Tensor = self._fixed_step_size
-            return fixed
-        learned: Tensor = self.step_size_param
-        return learned
+            return cast(Tensor, self._fixed_step_size)
+        return cast(Tensor, self.step_size_param)
 
     def global_values(self) -> dict[str, Tensor]:
         """The current point estimates of the global latents, ``{site: value}``.
@@ -181,7 +186,10 @@ class TruncatedGradientGuide(PyroModule):
         parameter, through the constraint's transform, which is cheaper and equal.
         """
         if am_i_wrapped():
-            return {site.name: _deep_getattr(self.locs, site.name) for site in self.structure.global_sites}
+            return {
+                site.name: _deep_getattr(self.locs, site.name)
+                for site in self.structure.global_sites
+            }
         values = {}
         for name, owner, leaf, transform in self._global_readers:
             values[name] = transform(owner._parameters[leaf + "_unconstrained"])
@@ -215,7 +223,9 @@ class TruncatedGradientGuide(PyroModule):
             first_order=self.first_order,
         )
 
-    def forward(self, x: Tensor, y: Tensor | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, x: Tensor, y: Tensor | None = None, mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
         if y is None:
             raise TaskDataError(
                 "the truncated-gradient guide adapts each task to its support targets: call it "

@@ -163,14 +163,18 @@ def laplace_log_evidence(
     return value if create_graph else value.detach()
 
 
-def _noise_variance(density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, f: Tensor) -> Tensor:
+def _noise_variance(
+    density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, f: Tensor
+) -> Tensor:
     variance = getattr(density, "noise_variance", None)
     if variance is None:
         raise ModelContractError("a linearised Gaussian predictive needs a Gaussian likelihood")
     try:
         result: Tensor = variance(params, phi, f)
     except NotImplementedError as err:
-        raise ModelContractError("a linearised Gaussian predictive needs a Gaussian likelihood") from err
+        raise ModelContractError(
+            "a linearised Gaussian predictive needs a Gaussian likelihood"
+        ) from err
     return result
 
 
@@ -202,7 +206,9 @@ def linearized_predictive(
 ) -> GaussianPrediction:
     r"""The linearised Laplace predictive :math:`\mathcal N(f_*, \sigma^2 + J_*\hat H^{-1}J_*^\top)`."""
     f, var = predictive_output_variance(estimate, inputs, x, jacobian=jacobian)
-    return GaussianPrediction(f, var + _noise_variance(inputs.density, inputs.params, inputs.phi, f))
+    return GaussianPrediction(
+        f, var + _noise_variance(inputs.density, inputs.params, inputs.phi, f)
+    )
 
 
 class LaplacePosterior(TaskPosterior):
@@ -271,7 +277,9 @@ class LaplacePosterior(TaskPosterior):
                 means = means.reshape(S * T, means.shape[1], -1)
                 # per draw: a per-task noise scale in phi varies with the draw
                 noise = _noise_variance(self.density, self.params, flat, means)
-                return MixturePrediction(means.reshape(S, T, *means.shape[1:]), noise.reshape(S, T, *means.shape[1:]))
+                return MixturePrediction(
+                    means.reshape(S, T, *means.shape[1:]), noise.reshape(S, T, *means.shape[1:])
+                )
         if method != "linearized":
             raise ValueError(f"method must be 'linearized' or 'sampled'; got {method!r}")
         inputs = CurvatureInputs(
@@ -285,12 +293,16 @@ class LaplacePosterior(TaskPosterior):
             create_graph=False,
         )
         with torch.no_grad():
-            f, var = predictive_output_variance(self.curvature, inputs, x, jacobian=self.jacobian)
+            outputs, var = predictive_output_variance(
+                self.curvature, inputs, x, jacobian=self.jacobian
+            )
             if classification:
                 return CategoricalPrediction(
-                    torch.softmax(f / torch.sqrt(1 + math.pi * var / 8), dim=-1)
+                    torch.softmax(outputs / torch.sqrt(1 + math.pi * var / 8), dim=-1)
                 )
-            return GaussianPrediction(f, var + _noise_variance(self.density, self.params, self.mean, f))
+            return GaussianPrediction(
+                outputs, var + _noise_variance(self.density, self.params, self.mean, outputs)
+            )
 
 
 def laplace_posterior(
@@ -322,7 +334,9 @@ def laplace_posterior(
     for _ in range(refine_steps):
         with torch.enable_grad():
             point = phi.clone().requires_grad_(True)
-            log_joint = density.log_likelihood(params, point, x, y, mask) + density.log_prior(params, point, x)
+            log_joint = density.log_likelihood(params, point, x, y, mask) + density.log_prior(
+                params, point, x
+            )
             (grad,) = torch.autograd.grad(log_joint.sum(), point)
         inputs = CurvatureInputs(density, params, phi, x, y, mask, P, create_graph=False)
         with torch.no_grad():

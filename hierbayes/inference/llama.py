@@ -42,7 +42,7 @@ predictive objectives learn it properly, because their prior terms pull the othe
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -165,7 +165,9 @@ class LaplacePenaltyObjective(LaplaceObjective):
                 self._warned = True
             P = P.detach()
         x, y, mask = select_data(
-            (batch.support_x, batch.support_y, batch.support_mask), (xq, yq, mq), self.curvature_data
+            (batch.support_x, batch.support_y, batch.support_mask),
+            (xq, yq, mq),
+            self.curvature_data,
         )
         inputs = CurvatureInputs(density, params, phi, x, y, mask, P, create_graph=True)
         likelihood = getattr(density, "likelihood", None)
@@ -175,7 +177,7 @@ class LaplacePenaltyObjective(LaplaceObjective):
             and likelihood is not None
             and getattr(density, "network", None) is not None
         )
-        if shared:
+        if shared and likelihood is not None:
             # one recorded forward pass of the query set serves the likelihood and the curvature
             _, f = output_jacobian(inputs, method=self.jacobian)
             nll = -likelihood.log_prob_sum(f, yq, params, mq)
@@ -286,7 +288,11 @@ def llama_objective(
 
 
 def llama_posterior(
-    guide: Any, params: dict[str, Tensor], phi: Tensor, batch: TaskBatch, objective: MetaObjective
+    guide: Any,
+    params: Mapping[str, Tensor],
+    phi: Tensor,
+    batch: TaskBatch,
+    objective: MetaObjective,
 ) -> TaskPosterior:
     """The Laplace task posterior of an adapted batch, with the objective's curvature and the
     support set's data."""

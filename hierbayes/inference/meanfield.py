@@ -122,7 +122,7 @@ class MeanFieldPosterior(TaskPosterior):
         )
         return self.transform_noise(z)
 
-    def predict(  # type: ignore[override]
+    def predict(
         self,
         x: Tensor,
         *,

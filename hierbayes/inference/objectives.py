@@ -76,8 +76,12 @@ def run_guide(guide: Any, structure: ModelStructure, batch: TaskBatch) -> GuideV
     """
     if not am_i_wrapped() and hasattr(guide, "adapt") and hasattr(guide, "global_values"):
         params = guide.global_values()
-        return GuideValues(params, guide.adapt(params, batch.support_x, batch.support_y, batch.support_mask))
-    trace = poutine.trace(guide).get_trace(batch.support_x, batch.support_y, mask=batch.support_mask)
+        return GuideValues(
+            params, guide.adapt(params, batch.support_x, batch.support_y, batch.support_mask)
+        )
+    trace = poutine.trace(guide).get_trace(
+        batch.support_x, batch.support_y, mask=batch.support_mask
+    )
     params = {site.name: trace.nodes[site.name]["value"] for site in structure.global_sites}
     phi = structure.from_site(trace.nodes[structure.task_site]["value"])
     return GuideValues(params, phi)
@@ -103,7 +107,9 @@ class MetaObjective:
             raise ValueError(f"num_tasks must be a positive integer or None; got {num_tasks}")
         self.num_tasks = num_tasks
 
-    def differentiable_loss(self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any) -> Tensor:
+    def differentiable_loss(
+        self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any
+    ) -> Tensor:
         raise NotImplementedError
 
     def __call__(self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any) -> Tensor:
@@ -113,7 +119,9 @@ class MetaObjective:
         """The loss as a float (the inner loop still needs gradients, so none are disabled)."""
         return float(self.differentiable_loss(model, guide, *args, **kwargs).detach())
 
-    def loss_and_grads(self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any) -> float:
+    def loss_and_grads(
+        self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any
+    ) -> float:
         """The loss as a float, after back-propagating it (what ``SVI.step`` calls)."""
         value = self.differentiable_loss(model, guide, *args, **kwargs)
         value.backward()
@@ -131,7 +139,9 @@ class MetaObjective:
         if built_for is not model:
             raise ValueError("the guide was built for a different model than the one passed")
 
-    def hyperprior_term(self, density: TaskDensity, params: Mapping[str, Tensor], x: Tensor) -> Tensor | float:
+    def hyperprior_term(
+        self, density: TaskDensity, params: Mapping[str, Tensor], x: Tensor
+    ) -> Tensor | float:
         r""":math:`-\frac1J \log p(\text{globals})`, or 0 for an endless family."""
         if self.num_tasks is None or not density.structure.global_sites:
             return 0.0
@@ -151,7 +161,9 @@ class MAMLObjective(MetaObjective):
 
     name = "maml"
 
-    def differentiable_loss(self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any) -> Tensor:
+    def differentiable_loss(
+        self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any
+    ) -> Tensor:
         self.check_pair(model, guide)
         batch = as_task_batch(*args, **kwargs)
         xq, yq, mq = batch.require_query("the MAML objective")

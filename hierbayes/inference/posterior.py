@@ -8,6 +8,7 @@ MAML's guide gives a point mass :math:`\delta(\phi_j - \hat\phi_j)`
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,7 +43,7 @@ class TaskPosterior:
         r"""Draws of :math:`\phi`, ``(num_samples, T, D)``."""
         raise NotImplementedError
 
-    def predict(self, x: Tensor, **kwargs: object) -> Prediction:
+    def predict(self, x: Tensor, **kwargs: Any) -> Prediction:
         """Predictive distribution of targets at new inputs ``x`` ``(T, M, ...)``."""
         raise NotImplementedError
 
@@ -57,6 +58,6 @@ class PointMassPosterior(TaskPosterior):
     def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
         return self.mean.expand(num_samples, *self.mean.shape)
 
-    def predict(self, x: Tensor, **kwargs: object) -> Prediction:
+    def predict(self, x: Tensor, **kwargs: Any) -> Prediction:
         with torch.no_grad():
             return prediction_from_distribution(self.density.predictive(self.params, self.mean, x))

@@ -127,9 +127,11 @@ class CategoricalPrediction(Prediction):
         return self.probs
 
     def log_prob(self, y: Tensor) -> Tensor:
-        return torch.log(self.probs.clamp_min(torch.finfo(self.probs.dtype).tiny)).gather(
-            -1, y.unsqueeze(-1)
-        ).squeeze(-1)
+        return (
+            torch.log(self.probs.clamp_min(torch.finfo(self.probs.dtype).tiny))
+            .gather(-1, y.unsqueeze(-1))
+            .squeeze(-1)
+        )
 
     def interval(self, level: float = 0.9) -> tuple[Tensor, Tensor]:
         raise NotImplementedError("central intervals are defined for real-valued targets only")

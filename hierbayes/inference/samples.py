@@ -195,7 +195,7 @@ class SamplePosterior(TaskPosterior):
             index = torch.randint(C * S, (num_samples,), generator=generator)
         return pooled[index.to(pooled.device)]
 
-    def predict(  # type: ignore[override]
+    def predict(
         self,
         x: Tensor,
         *,
@@ -349,7 +349,7 @@ class GaussianPosterior(TaskPosterior):
         r""":math:`\mu_j + L_j z_{sj}` for standard normal ``z`` ``(S, T, D)``."""
         return self.mean + torch.einsum("tij,stj->sti", self.scale_tril, z)
 
-    def predict(  # type: ignore[override]
+    def predict(
         self,
         x: Tensor,
         *,

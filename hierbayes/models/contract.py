@@ -110,6 +110,12 @@ class ModelStructure:
         return value.reshape(T, self.num_params)
 
 
+def _nodes(trace: Trace) -> dict[str, Any]:
+    """A trace's sites as plain dictionaries (Pyro types them as messages)."""
+    nodes: dict[str, Any] = trace.nodes
+    return nodes
+
+
 def _plate_frame(site: Mapping[str, Any], name: str) -> Any:
     for frame in site["cond_indep_stack"]:
         if frame.name == name:
@@ -141,7 +147,7 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
         ) from err
     has_tasks_plate = any(
         _plate_frame(s, TASKS_PLATE) is not None
-        for s in trace.nodes.values()
+        for s in _nodes(trace).values()
         if s["type"] == "sample" and not site_is_subsample(s)
     )
     if not has_tasks_plate:
@@ -151,11 +157,15 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
     params: list[str] = []
     task_sites: list[str] = []
     observed: list[str] = []
-    for name, site in trace.nodes.items():
+    for name, site in _nodes(trace).items():
         if site["type"] == "param":
             params.append(name)
             continue
-        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
+        if (
+            site["type"] != "sample"
+            or site_is_subsample(site)
+            or site["infer"].get("_deterministic")
+        ):
             continue
         frame = _plate_frame(site, TASKS_PLATE)
         if site["is_observed"]:
@@ -188,11 +198,16 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
             f"the model has no observed site inside pyro.plate('tasks') when given y: pass y "
             f"as obs= of the likelihood's sample site. {_CONTRACT}"
         )
-    task_site = trace.nodes[task_sites[0]]
+    task_site = _nodes(trace)[task_sites[0]]
     fn = task_site["fn"]
-    if fn.support is not constraints.real and not (
-        isinstance(fn.support, constraints.independent) and fn.support.base_constraint is constraints.real
-    ) and fn.support is not constraints.real_vector:
+    if (
+        fn.support is not constraints.real
+        and not (
+            isinstance(fn.support, constraints.independent)
+            and fn.support.base_constraint is constraints.real
+        )
+        and fn.support is not constraints.real_vector
+    ):
         raise ModelContractError(
             f"the per-task latent {task_sites[0]!r} has support {fn.support}; gradient steps "
             "need a real-valued latent. Sample an unconstrained vector and transform it inside "
@@ -215,7 +230,7 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
         )
     data_dims: dict[str, int | None] = {}
     for name in observed:
-        site = trace.nodes[name]
+        site = _nodes(trace)[name]
         others = [f for f in site["cond_indep_stack"] if f.name != TASKS_PLATE and f.vectorized]
         data_dims[name] = others[0].dim if len(others) == 1 else None
     return ModelStructure(
@@ -241,7 +256,12 @@ class TaskDensity(Protocol):
     structure: ModelStructure
 
     def log_likelihood(
-        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor, mask: Tensor | None = None
+        self,
+        params: Mapping[str, Tensor],
+        phi: Tensor,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None = None,
     ) -> Tensor:
         r""":math:`\log p(y_j \mid \phi_j, x_j)`, shape ``(T,)``."""
         ...
@@ -269,7 +289,7 @@ def _per_task(
     """Sum each observed site's log-probabilities over everything but the tasks dimension."""
     total: Tensor | None = None
     for name in structure.observed_sites:
-        site = trace.nodes[name]
+        site = _nodes(trace)[name]
         fn = site["fn"]
         lp = fn.log_prob(site["value"])
         site_mask = site["mask"]
@@ -278,7 +298,9 @@ def _per_task(
                 lp = torch.zeros_like(lp)
         elif site_mask is not None:
             lp = torch.where(site_mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
-        if site["scale"] is not None and not (isinstance(site["scale"], float) and site["scale"] == 1.0):
+        if site["scale"] is not None and not (
+            isinstance(site["scale"], float) and site["scale"] == 1.0
+        ):
             lp = lp * site["scale"]
         batch_ndim = lp.dim()
         tasks_axis = batch_ndim + structure.tasks_dim
@@ -294,7 +316,9 @@ def _per_task(
             shape[tasks_axis] = num_tasks
             shape[batch_ndim + data_dim] = mask.shape[1]
             m = mask if tasks_axis < batch_ndim + data_dim else mask.T
-            lp = torch.where(m.reshape(shape), lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+            lp = torch.where(
+                m.reshape(shape), lp, torch.zeros((), dtype=lp.dtype, device=lp.device)
+            )
         lp = lp.expand(*lp.shape[:tasks_axis], num_tasks, *lp.shape[tasks_axis + 1 :])
         per_task = lp.movedim(tasks_axis, 0).reshape(num_tasks, -1).sum(-1)
         total = per_task if total is None else total + per_task
@@ -318,25 +342,34 @@ class PyroTaskDensity:
         self.structure = structure
         self._example_x = example_x
 
-    def _trace(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor | None) -> Trace:
+    def _trace(
+        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor | None
+    ) -> Trace:
         self._example_x = x[:1]
         data = dict(params)
         data[self.structure.task_site] = self.structure.to_site(phi)
         return poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, y)
 
     def log_likelihood(
-        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor, mask: Tensor | None = None
+        self,
+        params: Mapping[str, Tensor],
+        phi: Tensor,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None = None,
     ) -> Tensor:
         return _per_task(self._trace(params, phi, x, y), self.structure, phi.shape[0], mask)
 
     def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
-        site = self._trace(params, phi, x, None).nodes[self.structure.task_site]
+        site = _nodes(self._trace(params, phi, x, None))[self.structure.task_site]
         return site["fn"].log_prob(site["value"]).reshape(phi.shape[0])
 
     def prior_mean(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         with poutine.block():
-            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(x, None)
-        fn = trace.nodes[self.structure.task_site]["fn"]
+            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(
+                x, None
+            )
+        fn = _nodes(trace)[self.structure.task_site]["fn"]
         T = x.shape[0]
         mean = fn.mean.expand(fn.batch_shape + fn.event_shape)
         return self.structure.from_site(mean.expand(*self._site_shape(T)))
@@ -349,10 +382,14 @@ class PyroTaskDensity:
     def prior_precision(self, params: Mapping[str, Tensor]) -> Tensor:
         r"""Diagonal of :math:`-\nabla^2\log p(\phi\mid\theta)`, ``(D,)``, for a Normal prior."""
         if self._example_x is None:
-            raise ModelContractError("prior_precision needs the density to have seen an input batch")
+            raise ModelContractError(
+                "prior_precision needs the density to have seen an input batch"
+            )
         with poutine.block():
-            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(self._example_x, None)
-        fn = trace.nodes[self.structure.task_site]["fn"]
+            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(
+                self._example_x, None
+            )
+        fn = _nodes(trace)[self.structure.task_site]["fn"]
         while isinstance(fn, dist.Independent):
             fn = fn.base_dist
         if not isinstance(fn, dist.Normal):
@@ -365,10 +402,12 @@ class PyroTaskDensity:
 
     def log_hyperprior(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         with poutine.block():
-            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(x, None)
+            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(
+                x, None
+            )
         total = x.new_zeros(())
         for site in self.structure.global_sites:
-            node = trace.nodes[site.name]
+            node = _nodes(trace)[site.name]
             total = total + node["fn"].log_prob(node["value"]).sum()
         return total
 
@@ -381,7 +420,7 @@ class PyroTaskDensity:
         data[self.structure.task_site] = self.structure.to_site(phi)
         with poutine.block():
             trace = poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, None)
-        fn: dist.Distribution = trace.nodes[self.structure.observed_sites[0]]["fn"]
+        fn: dist.Distribution = _nodes(trace)[self.structure.observed_sites[0]]["fn"]
         return fn
 
 

@@ -49,11 +49,15 @@ class Likelihood(ABC):
         """Initial mean of the per-task parameters, ``(num_task_params,)``."""
         return torch.zeros(self.num_task_params)
 
-    def with_task_params(self, params: Mapping[str, Tensor], task_params: Tensor) -> Mapping[str, Tensor]:
+    def with_task_params(
+        self, params: Mapping[str, Tensor], task_params: Tensor
+    ) -> Mapping[str, Tensor]:
         """``params`` completed with the per-task parameters ``(T, k)`` of a batch."""
         return params
 
-    def task_param_curvature(self, f: Tensor, params: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
+    def task_param_curvature(
+        self, f: Tensor, params: Mapping[str, Tensor], mask: Tensor | None
+    ) -> Tensor:
         """Fisher information of the per-task parameters, diagonal, ``(T, k)``."""
         return f.new_zeros(f.shape[0], 0)
 
@@ -139,7 +143,9 @@ class GaussianLikelihood(Likelihood):
     def task_param_init(self) -> Tensor:
         return torch.full((self.num_task_params,), math.log(self.noise_scale))
 
-    def with_task_params(self, params: Mapping[str, Tensor], task_params: Tensor) -> Mapping[str, Tensor]:
+    def with_task_params(
+        self, params: Mapping[str, Tensor], task_params: Tensor
+    ) -> Mapping[str, Tensor]:
         if not self.per_task:
             return params
         return {**params, "noise_scale": task_params[:, 0].exp().reshape(-1, 1, 1)}
@@ -153,12 +159,18 @@ class GaussianLikelihood(Likelihood):
             return torch.log(sigma).reshape(-1) if sigma.dim() > 0 else torch.log(sigma)
         return math.log(sigma)
 
-    def task_param_curvature(self, f: Tensor, params: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
+    def task_param_curvature(
+        self, f: Tensor, params: Mapping[str, Tensor], mask: Tensor | None
+    ) -> Tensor:
         r"""Fisher information of :math:`\log\sigma_j`: 2 per observed value."""
         if not self.per_task:
             return f.new_zeros(f.shape[0], 0)
         values = math.prod(f.shape[2:])
-        count = (f.new_full((f.shape[0],), float(f.shape[1])) if mask is None else mask.sum(-1).to(f.dtype)) * values
+        count = (
+            f.new_full((f.shape[0],), float(f.shape[1]))
+            if mask is None
+            else mask.sum(-1).to(f.dtype)
+        ) * values
         return (2.0 * count).unsqueeze(-1)
 
     def distribution(self, f: Tensor, params: Mapping[str, Tensor]) -> dist.Distribution:

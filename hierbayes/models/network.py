@@ -175,7 +175,9 @@ def _fast_plan(module: nn.Module, layout: ParameterLayout) -> list[_Step] | None
     for path, leaf in leaves:
         if type(leaf) not in _SUPPORTED:
             return None
-        if isinstance(leaf, nn.Conv2d) and (leaf.groups != 1 or leaf.padding_mode != "zeros"):
+        if isinstance(leaf, nn.Conv2d) and (
+            leaf.groups != 1 or leaf.padding_mode != "zeros" or isinstance(leaf.padding, str)
+        ):
             return None
         if isinstance(leaf, nn.Flatten) and (leaf.start_dim != 1 or leaf.end_dim != -1):
             return None
@@ -257,7 +259,9 @@ class BatchedNetwork:
             )
         return self._run_plan(phi, x, record=True)
 
-    def output_gradients(self, phi: Tensor, records: list[LayerRecord], seed: Tensor) -> list[Tensor] | None:
+    def output_gradients(
+        self, phi: Tensor, records: list[LayerRecord], seed: Tensor
+    ) -> list[Tensor] | None:
         r"""Gradients of (combinations of) the outputs with respect to every layer's
         pre-activation, by explicit back-propagation, or ``None`` where not supported.
 
@@ -352,9 +356,9 @@ class BatchedNetwork:
                         )
                     )
             elif kind == "batchnorm":
-                w = None if step.weight is None else parts[step.weight]
-                b = None if step.bias is None else parts[step.bias]
-                h = _batched_batch_norm(h, w, b, step.module.eps)  # type: ignore[arg-type]
+                scale = None if step.weight is None else parts[step.weight]
+                shift = None if step.bias is None else parts[step.bias]
+                h = _batched_batch_norm(h, scale, shift, step.module.eps)  # type: ignore[arg-type]
             elif kind == "flatten":
                 h = h.reshape(h.shape[0], h.shape[1], -1)
             else:  # pooling over each task's points
@@ -416,14 +420,16 @@ def _batched_conv2d(a: Tensor, w: Tensor, b: Tensor | None, conv: nn.Conv2d) -> 
         w.reshape(T * c_out, *w.shape[2:]),
         None if b is None else b.reshape(T * c_out),
         stride=conv.stride,
-        padding=conv.padding,  # type: ignore[arg-type]
+        padding=conv.padding,
         dilation=conv.dilation,
         groups=T,
     )
     return y.reshape(N, T, c_out, *y.shape[2:]).transpose(0, 1)
 
 
-def _batched_batch_norm(h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def _batched_batch_norm(
+    h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     """Normalise with each task's own batch statistics over points (and spatial positions)."""
     T, C = h.shape[0], h.shape[2]
     reduce_dims = [1, *range(3, h.dim())]
@@ -436,4 +442,3 @@ def _batched_batch_norm(h: Tensor, weight: Tensor | None, bias: Tensor | None, e
     if bias is not None:
         y = y + bias.reshape(shape)
     return y
-

@@ -16,7 +16,9 @@ from hierbayes.models.task_model import TaskModel
 __all__ = ["NeuralRegression", "sinusoid_network"]
 
 
-def sinusoid_network(hidden: Sequence[int] = (40, 40), *, input_dim: int = 1, output_dim: int = 1) -> nn.Sequential:
+def sinusoid_network(
+    hidden: Sequence[int] = (40, 40), *, input_dim: int = 1, output_dim: int = 1
+) -> nn.Sequential:
     """The MLP of the sinusoid benchmark: ``input_dim``-40-40-``output_dim`` with ReLU."""
     layers: list[nn.Module] = []
     width = input_dim
@@ -63,7 +65,9 @@ class NeuralRegression(TaskModel):
         super().__init__(
             network if network is not None else sinusoid_network(),
             GaussianLikelihood(
-                noise_scale, learned=learn_noise, per_task=per_task_noise,
+                noise_scale,
+                learned=learn_noise,
+                per_task=per_task_noise,
                 per_task_prior_scale=per_task_noise_scale,
             ),
             prior_scale=prior_scale,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import pyro
 import pyro.distributions as dist
@@ -93,7 +93,12 @@ class TaskModel(PyroModule):
         self.num_task_likelihood_params = likelihood.num_task_params
         D = self.num_network_params + self.num_task_likelihood_params
         if theta_init is None:
-            init = torch.cat([self.net.initial_parameters(), likelihood.task_param_init().to(torch.get_default_dtype())])
+            init = torch.cat(
+                [
+                    self.net.initial_parameters(),
+                    likelihood.task_param_init().to(torch.get_default_dtype()),
+                ]
+            )
         else:
             init = theta_init.detach().clone()
         if init.shape != (D,):
@@ -107,7 +112,9 @@ class TaskModel(PyroModule):
         """:math:`D`: the network's parameters plus the likelihood's per-task parameters."""
         return self.num_network_params + self.num_task_likelihood_params
 
-    def split(self, params: Mapping[str, Tensor], phi: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
+    def split(
+        self, params: Mapping[str, Tensor], phi: Tensor
+    ) -> tuple[Tensor, Mapping[str, Tensor]]:
         r"""The network's part of :math:`\phi` ``(T, D)`` and the global values completed with
         the likelihood's per-task parameters."""
         if self.num_task_likelihood_params == 0:
@@ -119,7 +126,7 @@ class TaskModel(PyroModule):
 
     def sample_globals(self) -> dict[str, Tensor]:
         """Sample (or read) every global latent, returning ``{name: value}``."""
-        ref: Tensor = self.theta_init  # type: ignore[assignment]
+        ref: Tensor = self.theta_init
         values: dict[str, Tensor] = {}
         if self.hyperprior_scale is not None:
             values["theta"] = pyro.sample(
@@ -127,12 +134,12 @@ class TaskModel(PyroModule):
             )
         for name, prior in self.global_priors().items():
             if name != "theta":
-                values[name] = pyro.sample(name, prior)
+                values[name] = pyro.sample(name, cast(Any, prior))
         return values
 
     def global_priors(self) -> dict[str, dist.Distribution]:
         """Hyperpriors of the global latents, by site name."""
-        ref: Tensor = self.theta_init  # type: ignore[assignment]
+        ref: Tensor = self.theta_init
         priors: dict[str, dist.Distribution] = {}
         if self.hyperprior_scale is not None:
             priors["theta"] = dist.Normal(ref, self.hyperprior_scale).to_event(1)
@@ -153,8 +160,9 @@ class TaskModel(PyroModule):
             phi = pyro.sample("phi", dist.Normal(theta, scale).to_event(1))
             net, task_params = self.split(params, phi.reshape(T, self.num_params))
             f = self.net(net, x)
-            with pyro.plate("data", N, dim=-1), poutine.mask(mask=True if mask is None else mask):
-                pyro.sample("y", self.likelihood.distribution(f, task_params), obs=y)
+            keep = cast(Any, True if mask is None else mask)
+            with pyro.plate("data", N, dim=-1), poutine.mask(mask=keep):
+                pyro.sample("y", cast(Any, self.likelihood.distribution(f, task_params)), obs=y)
         return f
 
     # -- pieces shared with the native density -------------------------------------------------
@@ -162,8 +170,7 @@ class TaskModel(PyroModule):
     def theta_of(self, params: Mapping[str, Tensor]) -> Tensor:
         r""":math:`\theta` from the global values (or the model's own ``pyro.param``)."""
         if self.hyperprior_scale is None:
-            theta: Tensor = self.theta
-            return theta
+            return cast(Tensor, self.theta)
         return params["theta"]
 
     def prior_scale_of(self, params: Mapping[str, Tensor]) -> Tensor | float:
@@ -173,13 +180,13 @@ class TaskModel(PyroModule):
         k = self.num_task_likelihood_params
         if k == 0:
             return scale
-        ref: Tensor = self.theta_init  # type: ignore[assignment]
+        ref: Tensor = self.theta_init
         net = ref.new_ones(self.num_network_params) * scale
         return torch.cat([net, ref.new_full((k,), self.likelihood.task_param_prior_scale)])
 
     def initial_values(self) -> dict[str, Tensor]:
         """Where the guide starts each global latent: :math:`\\theta_0` and the likelihood's."""
-        ref: Tensor = self.theta_init  # type: ignore[assignment]
+        ref: Tensor = self.theta_init
         values = {k: v.to(ref) for k, v in self.likelihood.initial_values().items()}
         if self.hyperprior_scale is not None:
             values["theta"] = ref.clone()
@@ -238,7 +245,12 @@ class TaskModelDensity:
         return result
 
     def diagonal_curvature(
-        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor, mask: Tensor | None = None
+        self,
+        params: Mapping[str, Tensor],
+        phi: Tensor,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None = None,
     ) -> Tensor | None:
         r"""Curvature of :math:`-\log p(y\mid\phi)` in the likelihood's per-task parameters
         (their Fisher information), ``(T, D)`` with zeros elsewhere; ``None`` if there are none."""
@@ -247,7 +259,9 @@ class TaskModelDensity:
             return None
         net, task_params = self.model.split(params, phi)
         fisher = self.likelihood.task_param_curvature(self.network(net, x), task_params, mask)
-        return torch.cat([fisher.new_zeros(phi.shape[0], self.model.num_network_params), fisher], dim=-1)
+        return torch.cat(
+            [fisher.new_zeros(phi.shape[0], self.model.num_network_params), fisher], dim=-1
+        )
 
     def log_likelihood(
         self,
@@ -260,7 +274,9 @@ class TaskModelDensity:
         net, task_params = self.model.split(params, phi)
         return self.likelihood.log_prob_sum(self.network(net, x), y, task_params, mask)
 
-    def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor | None = None) -> Tensor:
+    def log_prior(
+        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor | None = None
+    ) -> Tensor:
         theta = self.model.theta_of(params)
         scale = self.model.prior_scale_of(params)
         z = (phi - theta) / scale
@@ -286,7 +302,7 @@ class TaskModelDensity:
         for name, prior in self.model.global_priors().items():
             total = total + prior.log_prob(params[name]).sum()
         if isinstance(total, float):
-            return self.model.theta_init.new_tensor(total)  # type: ignore[operator]
+            return self.model.theta_init.new_tensor(total)
         return total
 
     def predictive(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> dist.Distribution:
@@ -300,8 +316,11 @@ def from_module(
     """A :class:`TaskModel` from any module: ``likelihood`` ``"gaussian"``, ``"categorical"``
     or a :class:`Likelihood`; other keywords go to :class:`TaskModel`."""
     if isinstance(likelihood, str):
-        known = {"gaussian": GaussianLikelihood, "categorical": CategoricalLikelihood}
+        known: dict[str, type[Likelihood]] = {
+            "gaussian": GaussianLikelihood,
+            "categorical": CategoricalLikelihood,
+        }
         if likelihood not in known:
             raise ValueError(f"unknown likelihood {likelihood!r}; known: {sorted(known)}")
-        likelihood = known[likelihood]()
+        return TaskModel(module, known[likelihood](), **kwargs)
     return TaskModel(module, likelihood, **kwargs)

@@ -84,18 +84,25 @@ class TaskBatch:
 
     # -- transformations ---------------------------------------------------------------------
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TaskBatch:
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> TaskBatch:
         """Move every tensor to ``device``; floating-point tensors also to ``dtype``."""
         target = None if device is None else torch.device(device)
-        same_device = target is None or target == self.support_x.device or (
-            target.index is None and target.type == self.support_x.device.type
+        current = self.support_x.device
+        same_device = (
+            target is None
+            or target == current
+            or (target.index is None and target.type == current.type)
         )
-        if same_device and (dtype is None or dtype == self.support_x.dtype or not torch.is_floating_point(self.support_x)):
-            if dtype is None or all(
-                t is None or not torch.is_floating_point(t) or t.dtype == dtype
-                for t in (self.support_y, self.query_x, self.query_y)
-            ):
-                return self
+        floats = [
+            t
+            for t in (self.support_x, self.support_y, self.query_x, self.query_y)
+            if t is not None and torch.is_floating_point(t)
+        ]
+        same_dtype = dtype is None or all(t.dtype == dtype for t in floats)
+        if same_device and same_dtype:
+            return self
 
         def move(t: Tensor | None) -> Tensor | None:
             if t is None:
@@ -136,7 +143,9 @@ class TaskBatch:
         for name in ("support_x", "support_y"):
             t = getattr(self, name)
             if not isinstance(t, Tensor):
-                raise TaskDataError(f"{name} must be a torch.Tensor of shape (tasks, points, ...); got {type(t).__name__}")
+                raise TaskDataError(
+                    f"{name} must be a torch.Tensor of shape (tasks, points, ...); got {type(t).__name__}"
+                )
             if t.dim() < 2:
                 raise TaskDataError(
                     f"{name} must have shape (tasks, points, ...) with the task dimension first; "
@@ -144,9 +153,7 @@ class TaskBatch:
                 )
         if (self.query_x is None) != (self.query_y is None):
             missing = "query_y" if self.query_y is None else "query_x"
-            raise TaskDataError(
-                f"{missing} is missing: give both query_x and query_y, or neither."
-            )
+            raise TaskDataError(f"{missing} is missing: give both query_x and query_y, or neither.")
         T = sx.shape[0]
         pairs = [("support", sx, sy, self.support_mask)]
         if self.query_x is not None and self.query_y is not None:
@@ -184,12 +191,20 @@ class TaskBatch:
                 empty = (~mask.any(dim=1)).nonzero()
                 if prefix == "support" and len(empty) > 0:
                     j = int(empty[0])
-                    name = f"task {int(self.task_ids[j])}" if self.task_ids is not None else f"task {j}"
+                    name = (
+                        f"task {int(self.task_ids[j])}"
+                        if self.task_ids is not None
+                        else f"task {j}"
+                    )
                     raise TaskDataError(f"{name} has no support points (support_mask is all False)")
             check_finite(f"{prefix}_x", x, task_ids=self.task_ids)
             check_finite(f"{prefix}_y", y, task_ids=self.task_ids)
         if self.task_ids is not None and self.task_ids.shape != (T,):
-            raise TaskDataError(f"task_ids must have shape ({T},); got {tuple(self.task_ids.shape)}")
+            raise TaskDataError(
+                f"task_ids must have shape ({T},); got {tuple(self.task_ids.shape)}"
+            )
         for key, value in self.info.items():
             if value.shape[0] != T:
-                raise TaskDataError(f"info[{key!r}] must have {T} rows, one per task; got {value.shape[0]}")
+                raise TaskDataError(
+                    f"info[{key!r}] must have {T} rows, one per task; got {value.shape[0]}"
+                )

@@ -87,7 +87,9 @@ class TaskCollection:
             if values[0] is None or values[1] is None:
                 raise TaskDataError(f"task {j} is missing support_x or support_y")
             if (values[2] is None) != (values[3] is None):
-                raise TaskDataError(f"task {j} has only one of query_x and query_y; give both or neither")
+                raise TaskDataError(
+                    f"task {j} has only one of query_x and query_y; give both or neither"
+                )
             if require_query and values[2] is None:
                 raise TaskDataError(
                     f"task {j} has no query set, which meta-training needs; pass "
@@ -120,7 +122,10 @@ class TaskCollection:
         """From rectangular ``(J, N, ...)`` tensors or arrays."""
         arrays = [support_x, support_y, query_x, query_y]
         dtype = kwargs.get("dtype")
-        tensors = [None if a is None else _as_tensor(a, f, 0, dtype) for a, f in zip(arrays, _FIELDS, strict=True)]
+        tensors = [
+            None if a is None else _as_tensor(a, f, 0, dtype)
+            for a, f in zip(arrays, _FIELDS, strict=True)
+        ]
         J = tensors[0].shape[0]  # type: ignore[union-attr]
         for f, t in zip(_FIELDS, tensors, strict=True):
             if t is not None and t.shape[0] != J:
@@ -165,9 +170,7 @@ class TaskCollection:
     @property
     def is_ragged(self) -> bool:
         """Whether tasks differ in their numbers of points (batches then carry masks)."""
-        return any(
-            len({t.shape[0] for t in col}) > 1 for col in self._columns.values() if col
-        )
+        return any(len({t.shape[0] for t in col}) > 1 for col in self._columns.values() if col)
 
     def batch(self, index: Sequence[int] | Tensor | None = None) -> TaskBatch:
         """The tasks at ``index`` (all of them by default) as one, possibly masked, batch."""
@@ -182,8 +185,16 @@ class TaskCollection:
                 raise IndexError(f"task index {i} out of range for {self.num_tasks} tasks")
         out: dict[str, Tensor | None] = {}
         for prefix in ("support", "query"):
-            xs = [self._columns[f"{prefix}_x"][i] for i in idx] if self._columns[f"{prefix}_x"] else []
-            ys = [self._columns[f"{prefix}_y"][i] for i in idx] if self._columns[f"{prefix}_y"] else []
+            xs = (
+                [self._columns[f"{prefix}_x"][i] for i in idx]
+                if self._columns[f"{prefix}_x"]
+                else []
+            )
+            ys = (
+                [self._columns[f"{prefix}_y"][i] for i in idx]
+                if self._columns[f"{prefix}_y"]
+                else []
+            )
             if not xs:
                 out[f"{prefix}_x"] = out[f"{prefix}_y"] = out[f"{prefix}_mask"] = None
                 continue
@@ -192,7 +203,9 @@ class TaskCollection:
             out[f"{prefix}_x"] = _pad(xs, n)
             out[f"{prefix}_y"] = _pad(ys, n)
             ragged = bool((lengths != n).any())
-            out[f"{prefix}_mask"] = (torch.arange(n)[None, :] < lengths[:, None]) if ragged else None
+            out[f"{prefix}_mask"] = (
+                (torch.arange(n)[None, :] < lengths[:, None]) if ragged else None
+            )
         return TaskBatch(task_ids=torch.tensor(idx), validate=False, **out)  # type: ignore[arg-type]
 
     def sample(

@@ -46,7 +46,7 @@ class EpisodicSampler:
         query_shots: int = 15,
     ) -> None:
         if labels is None:
-            pairs = list(inputs)  # type: ignore[arg-type]
+            pairs = list(inputs)
             if not pairs:
                 raise TaskDataError("the dataset is empty")
             xs = torch.stack([torch.as_tensor(np.asarray(p[0])) for p in pairs])
@@ -64,7 +64,9 @@ class EpisodicSampler:
             xs = xs.to(torch.get_default_dtype())
             check_finite("inputs", xs.unsqueeze(0))
         if ways < 2 or shots < 1 or query_shots < 0:
-            raise ValueError(f"need ways >= 2, shots >= 1, query_shots >= 0; got {ways}, {shots}, {query_shots}")
+            raise ValueError(
+                f"need ways >= 2, shots >= 1, query_shots >= 0; got {ways}, {shots}, {query_shots}"
+            )
         self.inputs, self.labels = xs, ys
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
         classes, counts = torch.unique(ys, return_counts=True)

@@ -32,7 +32,13 @@ from torch import Tensor
 from hierbayes.errors import NumericalError
 from hierbayes.models.contract import TaskDensity
 
-__all__ = ["CurvatureEstimate", "CurvatureInputs", "cholesky_logdet", "row_constant", "safe_cholesky"]
+__all__ = [
+    "CurvatureEstimate",
+    "CurvatureInputs",
+    "cholesky_logdet",
+    "row_constant",
+    "safe_cholesky",
+]
 
 
 @dataclass
@@ -64,7 +70,9 @@ class CurvatureInputs:
     prior_precision: Tensor
     create_graph: bool = True
     #: Output Jacobians already computed for these inputs (see ``output_jacobian``).
-    cache: dict[tuple[int, bool, str, int], tuple[object, Tensor]] = field(default_factory=dict, repr=False)
+    cache: dict[tuple[int, bool, str, int], tuple[object, Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def num_tasks(self) -> int:

@@ -33,14 +33,14 @@ __all__ = ["FullHessianCurvature", "clamp_eigenvalues", "full_hessian"]
 
 class _ClampEigenvalues(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, matrix: Tensor, floor: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, matrix: Tensor, floor: Tensor) -> Tensor:
         evals, evecs = torch.linalg.eigh(matrix)
         clamped = torch.maximum(evals, floor.unsqueeze(-1))
         ctx.save_for_backward(evals, evecs, clamped, floor)
         return (evecs * clamped.unsqueeze(-2)) @ evecs.transpose(-1, -2)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
         evals, evecs, clamped, floor = ctx.saved_tensors
         below = evals < floor.unsqueeze(-1)
         slope = (~below).to(evals.dtype)  # h'(lambda)
@@ -49,7 +49,9 @@ class _ClampEigenvalues(torch.autograd.Function):
         scale = evals.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
         close = gap.abs() <= 1e-10 * scale
         mean_slope = 0.5 * (slope.unsqueeze(-1) + slope.unsqueeze(-2))
-        divided = torch.where(close, mean_slope, diff / torch.where(close, torch.ones_like(gap), gap))
+        divided = torch.where(
+            close, mean_slope, diff / torch.where(close, torch.ones_like(gap), gap)
+        )
         inner = evecs.transpose(-1, -2) @ (0.5 * (grad + grad.transpose(-1, -2))) @ evecs
         grad_matrix = evecs @ (divided * inner) @ evecs.transpose(-1, -2)
         grad_floor = (inner.diagonal(dim1=-2, dim2=-1) * below.to(inner.dtype)).sum(-1)

@@ -47,7 +47,11 @@ class GGNCurvature(CurvatureEstimate):
         self.jacobian = jacobian
         self.prior_precision = prior_precision
         constant = row_constant(prior_precision)
-        self.inv_precision = 1.0 / prior_precision if constant is None else (1.0 / constant).expand_as(prior_precision)
+        self.inv_precision = (
+            1.0 / prior_precision
+            if constant is None
+            else (1.0 / constant).expand_as(prior_precision)
+        )
         self._constant = constant
         # The R x R system is tiny, so it is factorised in float64: with a small noise scale
         # its entries reach 1e8, beyond what a float32 Cholesky resolves.

@@ -25,12 +25,12 @@ Two implementations:
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from hierbayes.errors import ModelContractError
 from hierbayes.inference.curvature.base import CurvatureInputs, row_constant
@@ -128,14 +128,14 @@ class LayerJacobian(OutputJacobian):
 
     def _conv_blocks(self, rec: LayerRecord, g: Tensor) -> tuple[Tensor, Tensor]:
         """Per-row weight and bias gradients of a convolution: ``(T, R, out*in*k*k)``, ``(T, R, out)``."""
-        conv = rec.module
+        conv = cast(nn.Conv2d, rec.module)
         T, N = rec.inputs.shape[:2]
         patches = F.unfold(
             rec.inputs.reshape(T * N, *rec.inputs.shape[2:]),
             conv.kernel_size,
             dilation=conv.dilation,
-            padding=conv.padding,
-            stride=conv.stride,  # type: ignore[arg-type]
+            padding=cast(tuple[int, ...], conv.padding),  # strings are excluded by the plan
+            stride=conv.stride,
         ).reshape(T, N, -1, g.shape[-1] * g.shape[-2])
         gk = g.reshape(T, N, g.shape[2], g.shape[3], -1)  # (T, N, K, out, positions)
         w = torch.einsum("tnkop,tnip->tnkoi", gk, patches).reshape(T, self.num_rows, -1)
@@ -366,10 +366,14 @@ def output_jacobian(
                     if layer == 0:
                         outs = [r.outputs for r in records]
                         per_output = [
-                            torch.autograd.grad(f3[..., c].sum(), outs, create_graph=cg, retain_graph=True)
+                            torch.autograd.grad(
+                                f3[..., c].sum(), outs, create_graph=cg, retain_graph=True
+                            )
                             for c in range(C)
                         ]
-                    g = torch.stack([per_output[c][layer] for c in range(C)], dim=2)  # (T, N, C, *out)
+                    g = torch.stack(
+                        [per_output[c][layer] for c in range(C)], dim=2
+                    )  # (T, N, C, *out)
                     if factor is not None:
                         tail = g.shape[3:]
                         g = torch.einsum("tnco,tnck->tnko", g.reshape(T, N, C, -1), factor).reshape(
@@ -381,7 +385,10 @@ def output_jacobian(
                     g = g.detach()
                 gtilde.append(g)
             jac: OutputJacobian = LayerJacobian(
-                [_detach_record(r) if not cg else r for r in records], gtilde, network.layout, phi.shape[1]
+                [_detach_record(r) if not cg else r for r in records],
+                gtilde,
+                network.layout,
+                phi.shape[1],
             )
         else:
             R = N * C

@@ -37,11 +37,11 @@ the paper.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from hierbayes.errors import ModelContractError
 from hierbayes.inference.curvature.base import CurvatureEstimate, CurvatureInputs, row_constant
@@ -49,11 +49,19 @@ from hierbayes.inference.curvature.jacobian import LayerJacobian, output_jacobia
 
 __all__ = ["EigenKroneckerBlock", "KFACCurvature", "KroneckerBlock", "kfac"]
 
+
 class KroneckerBlock:
     r"""One layer's :math:`c\,\bar G\otimes\bar A + \tau I`, acting on ``[W | b]`` (``out x in'``)."""
 
-    def __init__(self, weight: slice, bias: slice | None, out_features: int, damping: Tensor) -> None:
-        self.weight, self.bias, self.out_features, self.damping = weight, bias, out_features, damping
+    def __init__(
+        self, weight: slice, bias: slice | None, out_features: int, damping: Tensor
+    ) -> None:
+        self.weight, self.bias, self.out_features, self.damping = (
+            weight,
+            bias,
+            out_features,
+            damping,
+        )
 
     def to_matrix(self, v: Tensor) -> Tensor:
         """Layer entries of ``v`` ``(T, D, S)`` as ``(T, S, out, in')``."""
@@ -91,15 +99,23 @@ class _KroneckerSolve(torch.autograd.Function):
     """``Y = (c G⊗A + τI)^{-1} V`` on ``(T, S, out, in')`` matrices, with the exact backward."""
 
     @staticmethod
-    def forward(ctx: Any, V: Tensor, A: Tensor, G: Tensor, c: Tensor, tau: Tensor, block: EigenKroneckerBlock) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        V: Tensor,
+        A: Tensor,
+        G: Tensor,
+        c: Tensor,
+        tau: Tensor,
+        block: EigenKroneckerBlock,
+    ) -> Tensor:
         Y = block.solve_detached(V)
         ctx.save_for_backward(A, G, c, tau, Y)
         ctx.block = block
         return Y
 
     @staticmethod
-    def backward(ctx: Any, grad_Y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, None]:  # type: ignore[override]
-        A, G, c, tau, Y = ctx.saved_tensors
+    def backward(ctx: Any, grad_Y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, None]:
+        A, G, c, _tau, Y = ctx.saved_tensors
         W = ctx.block.solve_detached(grad_Y)
         cc = c[:, None, None]
         grad_A = -cc * (W.transpose(-1, -2) @ G.unsqueeze(1) @ Y).sum(1)
@@ -107,7 +123,14 @@ class _KroneckerSolve(torch.autograd.Function):
         inner = (W * Y).sum((1, 2, 3))
         grad_tau = -inner
         grad_c = -((W @ A.unsqueeze(1)) * (G.unsqueeze(1) @ Y)).sum((1, 2, 3))
-        return W, 0.5 * (grad_A + grad_A.transpose(-1, -2)), 0.5 * (grad_G + grad_G.transpose(-1, -2)), grad_c, grad_tau, None
+        return (
+            W,
+            0.5 * (grad_A + grad_A.transpose(-1, -2)),
+            0.5 * (grad_G + grad_G.transpose(-1, -2)),
+            grad_c,
+            grad_tau,
+            None,
+        )
 
 
 def _factor_spectrum(rows: Tensor, count: Tensor) -> Tensor:
@@ -132,8 +155,14 @@ class EigenKroneckerBlock(KroneckerBlock):
     """
 
     def __init__(
-        self, weight: slice, bias: slice | None, out_features: int, damping: Tensor,
-        a_rows: Tensor, g_rows: Tensor, count: Tensor,
+        self,
+        weight: slice,
+        bias: slice | None,
+        out_features: int,
+        damping: Tensor,
+        a_rows: Tensor,
+        g_rows: Tensor,
+        count: Tensor,
     ) -> None:
         super().__init__(weight, bias, out_features, damping)
         self.a_rows, self.g_rows, self.scale = a_rows, g_rows, count
@@ -152,7 +181,9 @@ class EigenKroneckerBlock(KroneckerBlock):
         alpha = _factor_spectrum(self.a_rows, self.scale)  # (T, m_a)
         gamma = _factor_spectrum(self.g_rows, self.scale)  # (T, m_g)
         c, tau = self.scale, self.damping
-        pairs = torch.log(c[:, None, None] * gamma.unsqueeze(-1) * alpha.unsqueeze(-2) + tau[:, None, None])
+        pairs = torch.log(
+            c[:, None, None] * gamma.unsqueeze(-1) * alpha.unsqueeze(-2) + tau[:, None, None]
+        )
         rest = self.out_features * self.in_features - alpha.shape[-1] * gamma.shape[-1]
         return pairs.sum((-1, -2)) + rest * tau.log()
 
@@ -183,14 +214,19 @@ class EigenKroneckerBlock(KroneckerBlock):
         if power == 1.0:
             # (c G⊗A + τI) vec_r(M) = vec_r(c G M A + τ M): exact and differentiable as written
             c = self.scale[:, None, None, None]
-            return c * (self.G.unsqueeze(1) @ m @ self.A.unsqueeze(1)) + self.damping[:, None, None, None] * m
-        return _KroneckerSolve.apply(m, self.A, self.G, self.scale, self.damping, self)  # type: ignore[no-any-return]
+            return (
+                c * (self.G.unsqueeze(1) @ m @ self.A.unsqueeze(1))
+                + self.damping[:, None, None, None] * m
+            )
+        return _KroneckerSolve.apply(m, self.A, self.G, self.scale, self.damping, self)
 
     def sample_matrix(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
         spectrum = self.spectrum()
         T, out, inp = spectrum.shape
         ref = spectrum
-        z = torch.randn(T, num_samples, out, inp, generator=generator, dtype=ref.dtype).to(ref.device)
+        z = torch.randn(T, num_samples, out, inp, generator=generator, dtype=ref.dtype).to(
+            ref.device
+        )
         return self._rotate(z * spectrum.unsqueeze(1).rsqrt(), True)
 
 
@@ -202,7 +238,9 @@ class KFACCurvature(CurvatureEstimate):
     def __init__(self, blocks: list[KroneckerBlock], prior_precision: Tensor) -> None:
         self.blocks = blocks
         self.prior_precision = prior_precision
-        covered = torch.zeros(prior_precision.shape[-1], dtype=torch.bool, device=prior_precision.device)
+        covered = torch.zeros(
+            prior_precision.shape[-1], dtype=torch.bool, device=prior_precision.device
+        )
         for b in blocks:
             covered[b.weight] = True
             if b.bias is not None:
@@ -265,18 +303,29 @@ def kfac(inputs: CurvatureInputs) -> KFACCurvature:
     blocks: list[KroneckerBlock] = []
     for rec, g in zip(jac.records, jac.gtilde, strict=True):
         T, N = rec.inputs.shape[:2]
-        weights = mask.to(g.dtype) if mask is not None else torch.ones(T, N, dtype=g.dtype, device=g.device)
+        weights = (
+            mask.to(g.dtype)
+            if mask is not None
+            else torch.ones(T, N, dtype=g.dtype, device=g.device)
+        )
         if rec.kind == "linear":
             a = rec.inputs.reshape(T, N, -1, rec.inputs.shape[-1])  # (T, N, positions, in)
             gg = g.reshape(T, N, g.shape[2], -1, g.shape[-1])  # (T, N, K, positions, out)
         else:
-            conv = rec.module
+            conv = cast(nn.Conv2d, rec.module)
             patches = F.unfold(
-                rec.inputs.reshape(T * N, *rec.inputs.shape[2:]), conv.kernel_size,
-                dilation=conv.dilation, padding=conv.padding, stride=conv.stride,  # type: ignore[arg-type]
+                rec.inputs.reshape(T * N, *rec.inputs.shape[2:]),
+                conv.kernel_size,
+                dilation=conv.dilation,
+                padding=cast(tuple[int, ...], conv.padding),  # strings are excluded by the plan
+                stride=conv.stride,
             )
-            a = patches.reshape(T, N, patches.shape[1], -1).transpose(2, 3)  # (T, N, positions, in*k*k)
-            gg = g.reshape(T, N, g.shape[2], g.shape[3], -1).transpose(3, 4)  # (T, N, K, positions, out)
+            a = patches.reshape(T, N, patches.shape[1], -1).transpose(
+                2, 3
+            )  # (T, N, positions, in*k*k)
+            gg = g.reshape(T, N, g.shape[2], g.shape[3], -1).transpose(
+                3, 4
+            )  # (T, N, K, positions, out)
         positions = a.shape[2]
         if rec.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
@@ -285,7 +334,9 @@ def kfac(inputs: CurvatureInputs) -> KFACCurvature:
         bs = jac.layout.slice(rec.bias) if rec.bias is not None else None
         tau = _layer_scalar(P, ws, rec.weight)
         if bs is not None and not torch.equal(_layer_scalar(P, bs, rec.bias or ""), tau):
-            raise ModelContractError(f"K-FAC needs one prior precision per layer; {rec.weight} and {rec.bias} differ")
+            raise ModelContractError(
+                f"K-FAC needs one prior precision per layer; {rec.weight} and {rec.bias} differ"
+            )
         # rows whose Gram matrices are c·A and c·G (masked points weigh zero)
         a_rows = (a * weights.sqrt()[:, :, None, None]).reshape(T, -1, a.shape[-1])
         g_rows = gg.reshape(T, -1, gg.shape[-1])
