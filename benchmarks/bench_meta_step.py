@@ -75,7 +75,7 @@ def bare_batched(steps: int, source: SinusoidTasks, seed: int) -> float:
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
-        float(loss)
+        float(loss.detach())
     return steps / (time.perf_counter() - start)
 
 
@@ -104,7 +104,7 @@ def per_task_loop(steps: int, source: SinusoidTasks, seed: int) -> float:
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
-        float(loss)
+        float(loss.detach())
     return steps / (time.perf_counter() - start)
 
 

@@ -288,7 +288,9 @@ class BatchedNetwork:
             if step.kind == "linear":
                 grads[index] = current
                 w = parts[step.weight].view(T, *step.weight_shape)  # type: ignore[index]
-                current = current @ w.unsqueeze(1)  # (T, N, K, in)
+                N, K = current.shape[1], current.shape[2]
+                # one batched product per task: (T, N·K, out) @ (T, out, in)
+                current = torch.bmm(current.reshape(T, N * K, -1), w).reshape(T, N, K, -1)
                 index -= 1
             else:  # an activation right after linear layer index+1... i.e. the record at index
                 s_pre = records[index].outputs  # its input: the previous linear layer's output

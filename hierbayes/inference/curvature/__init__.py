@@ -21,6 +21,7 @@ from hierbayes.inference.curvature.base import (
     CurvatureEstimate,
     CurvatureInputs,
     cholesky_logdet,
+    row_constant,
     safe_cholesky,
 )
 from hierbayes.inference.curvature.dense import DenseCurvature
@@ -53,6 +54,7 @@ __all__ = [
     "get_curvature",
     "output_jacobian",
     "register_curvature",
+    "row_constant",
     "safe_cholesky",
 ]
 

@@ -142,7 +142,8 @@ def _factor_spectrum(rows: Tensor, count: Tensor) -> Tensor:
     """
     n, d = rows.shape[-2:]
     gram = rows @ rows.transpose(-1, -2) if n < d else rows.transpose(-1, -2) @ rows
-    return torch.linalg.eigvalsh(gram) / count[:, None]
+    # float64: the factors are singular and float32 eigensolvers can fail to converge on them
+    return torch.linalg.eigvalsh(gram.double()).to(rows.dtype) / count[:, None]
 
 
 class EigenKroneckerBlock(KroneckerBlock):
@@ -190,9 +191,15 @@ class EigenKroneckerBlock(KroneckerBlock):
     def eigen(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Detached ``(alpha, U_A, gamma, U_G)`` of the full factors."""
         if self._eigen is None:
-            evals_a, evecs_a = torch.linalg.eigh(self.A.detach())
-            evals_g, evecs_g = torch.linalg.eigh(self.G.detach())
-            self._eigen = (evals_a, evecs_a, evals_g, evecs_g)
+            dtype = self.a_rows.dtype
+            evals_a, evecs_a = torch.linalg.eigh(self.A.detach().double())
+            evals_g, evecs_g = torch.linalg.eigh(self.G.detach().double())
+            self._eigen = (
+                evals_a.to(dtype),
+                evecs_a.to(dtype),
+                evals_g.to(dtype),
+                evecs_g.to(dtype),
+            )
         return self._eigen
 
     def spectrum(self) -> Tensor:
