@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import cpu_name  # benchmarks/ is the script's own folder
+
 CONFIGS: dict[str, dict[str, str]] = {
     "maml": {},
     **{
@@ -78,16 +80,6 @@ def worker(name: str, steps: int, threads: int, warmup: int = 3) -> None:
             }
         )
     )
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

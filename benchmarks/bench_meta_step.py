@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from _machine import cpu_name  # benchmarks/ is the script's own folder
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -141,16 +142,6 @@ IMPLEMENTATIONS: dict[str, Callable[[int, SinusoidTasks, int], float]] = {
     "per_task_loop": per_task_loop,
     "hierbayes_svi": hierbayes_svi,
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -353,6 +353,24 @@ def run_linear(settings: CompareSettings, out: Path) -> tuple[dict[str, Any], Co
         lambda: exact_linear_posterior(model, result.params, heldout, density=result.guide.density)
     )
     posteriors["exact"] = exact
+    problem = (
+        f"Bayesian linear regression, D = {settings.linear_input_dim + 1}, "
+        f"{settings.linear_shots}-shot, {settings.tasks} held-out tasks"
+    )
+    return _compare(posteriors, times, heldout, result, settings, out, "linear", problem)
+
+
+def _compare(
+    posteriors: dict[str, TaskPosterior],
+    times: dict[str, float],
+    heldout: TaskBatch,
+    result: FitResult,
+    settings: CompareSettings,
+    out: Path,
+    name: str,
+    problem: str,
+) -> tuple[dict[str, Any], ComparisonResult]:
+    """Score one problem's approximations against NumPyro's NUTS, save figures, report."""
     comparison = compare_approximations(
         posteriors,
         heldout,
@@ -362,16 +380,8 @@ def run_linear(settings: CompareSettings, out: Path) -> tuple[dict[str, Any], Co
         seed=settings.seed,
         wall_times=times,
     )
-    comparison.save_figures(out, prefix="linear_")
-    report = _problem_report(
-        comparison,
-        result,
-        {
-            "problem": f"Bayesian linear regression, D = {settings.linear_input_dim + 1}, "
-            f"{settings.linear_shots}-shot, {settings.tasks} held-out tasks"
-        },
-    )
-    return report, comparison
+    comparison.save_figures(out, prefix=f"{name}_")
+    return _problem_report(comparison, result, {"problem": problem}), comparison
 
 
 def run_sinusoid(settings: CompareSettings, out: Path) -> tuple[dict[str, Any], ComparisonResult]:
@@ -407,25 +417,11 @@ def run_sinusoid(settings: CompareSettings, out: Path) -> tuple[dict[str, Any], 
         pyro_chains=settings.sinusoid_pyro_chains,
         max_tree_depth=settings.sinusoid_max_tree_depth,
     )
-    comparison = compare_approximations(
-        posteriors,
-        heldout,
-        reference="nuts_numpyro",
-        num_draws=settings.draws_per_chain,
-        num_chains=settings.num_chains,
-        seed=settings.seed,
-        wall_times=times,
+    problem = (
+        f"sinusoid, 1-40-40-1 ReLU (D = {model.num_params}), "
+        f"{settings.sinusoid_shots}-shot, {num_tasks} held-out tasks"
     )
-    comparison.save_figures(out, prefix="sinusoid_")
-    report = _problem_report(
-        comparison,
-        result,
-        {
-            "problem": f"sinusoid, 1-40-40-1 ReLU (D = {model.num_params}), "
-            f"{settings.sinusoid_shots}-shot, {num_tasks} held-out tasks"
-        },
-    )
-    return report, comparison
+    return _compare(posteriors, times, heldout, result, settings, out, "sinusoid", problem)
 
 
 def run_compare(
