@@ -308,3 +308,24 @@ def test_one_pass_predictive_equals_the_general_path(per_task_noise: bool) -> No
     assert_close(loss_fast, loss_general, **TOL)
     for a, b in zip(grads_fast, grads_general, strict=True):
         assert_close(a, b, **TOL)
+
+
+def test_predictive_samples_match_the_predictive_moments() -> None:
+    sigma, s = 0.5, 0.8
+    batch, _model, density, params, X = linear_setup(sigma=sigma, s=s)
+    H = X.transpose(1, 2) @ X / sigma**2 + torch.eye(4) / s**2
+    mean = torch.linalg.solve(
+        H, (X.transpose(1, 2) @ batch.support_y).squeeze(-1) / sigma**2 + params["theta"] / s**2
+    )
+    posterior = laplace_posterior(density, params, mean, batch.support_x, batch.support_y)
+    g = torch.Generator().manual_seed(1)
+    for method in ("linearized", "sampled"):
+        prediction = posterior.predict(batch.query_x, method=method, num_samples=4000, generator=g)
+        draws = prediction.sample(40_000, generator=g)
+        assert draws.shape == (40_000, *prediction.mean.shape)
+        se = (prediction.variance / 40_000).sqrt()
+        assert bool(((draws.mean(0) - prediction.mean).abs() <= 5 * se).all())
+        assert_close(draws.var(0), prediction.variance, rtol=0.05, atol=0)
+        lower, upper = prediction.interval(0.9)
+        inside = ((draws >= lower) & (draws <= upper)).double().mean()
+        assert abs(float(inside) - 0.9) < 0.01

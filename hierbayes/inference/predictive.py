@@ -43,6 +43,10 @@ class Prediction:
         """Central ``level`` predictive interval ``(lower, upper)``, each shaped like ``mean``."""
         raise NotImplementedError
 
+    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Draws of targets from the predictive, ``(num_samples, T, N, ...)``."""
+        raise NotImplementedError
+
     def covers(self, y: Tensor, level: float) -> Tensor:
         """``(T, N)`` booleans: whether every output of ``y`` lies inside the ``level`` interval."""
         lower, upper = self.interval(level)
@@ -68,6 +72,10 @@ class GaussianPrediction(Prediction):
     def interval(self, level: float = 0.9) -> tuple[Tensor, Tensor]:
         z = _normal_quantile(level)
         return self.mean - z * self.scale, self.mean + z * self.scale
+
+    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn((num_samples, *self.mean.shape), generator=generator, dtype=self.mean.dtype)
+        return self.mean + self.scale * z.to(self.mean.device)
 
 
 @dataclass
@@ -96,6 +104,14 @@ class MixturePrediction(Prediction):
         lp = dist.Normal(self.component_means, self.noise_variance.sqrt()).log_prob(y)
         lp = lp.reshape(*lp.shape[:3], -1).sum(-1)
         return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
+
+    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """A component drawn uniformly for each sample, then its Gaussian noise."""
+        means = self.component_means
+        pick = torch.randint(means.shape[0], (num_samples,), generator=generator).to(means.device)
+        noise = self.noise_variance.expand_as(means)[pick].sqrt()
+        z = torch.randn((num_samples, *means.shape[1:]), generator=generator, dtype=means.dtype)
+        return means[pick] + noise * z.to(means.device)
 
     def interval(self, level: float = 0.9) -> tuple[Tensor, Tensor]:
         """Quantiles of the mixture, by bisection on its CDF (per output)."""
@@ -135,6 +151,12 @@ class CategoricalPrediction(Prediction):
 
     def interval(self, level: float = 0.9) -> tuple[Tensor, Tensor]:
         raise NotImplementedError("central intervals are defined for real-valued targets only")
+
+    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Labels ``(num_samples, T, N)``."""
+        flat = self.probs.reshape(-1, self.probs.shape[-1]).cpu()
+        draws = torch.multinomial(flat, num_samples, replacement=True, generator=generator)
+        return draws.T.reshape(num_samples, *self.probs.shape[:-1]).to(self.probs.device)
 
 
 def prediction_from_distribution(fn: dist.Distribution) -> Prediction:
