@@ -88,6 +88,17 @@ def _sinusoid_parser(sub: Any) -> None:
         help="draws for the sampled predictive (0: skip)",
     )
     p.add_argument(
+        "--prior-scale",
+        type=float,
+        default=0.1,
+        help="s in p(phi | theta) = N(theta, s^2 I) (LLAMA's prior precision is 1/s^2)",
+    )
+    p.add_argument(
+        "--learn-prior-scale",
+        action="store_true",
+        help="learn s with the predictive or evidence objective (it tends to collapse)",
+    )
+    p.add_argument(
         "--per-task-noise",
         action="store_true",
         help="give each task its own noise scale, adapted with the network (a calibration remedy)",
@@ -142,6 +153,8 @@ def _run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
         plot_tasks=args.plot_tasks,
         progress=not args.no_progress,
         per_task_noise=args.per_task_noise,
+        prior_scale=args.prior_scale,
+        learn_prior_scale=args.learn_prior_scale,
         method_options=options,
         learn_step_size=args.learn_step_size,
         compare_maml=not args.no_compare_maml,

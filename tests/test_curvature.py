@@ -129,6 +129,9 @@ def test_layer_jacobian_equals_autograd_jacobian() -> None:
         assert_close(layers.dense(), auto.dense(), **TOL)
         assert_close(layers.gram(inv), auto.gram(inv), **TOL)
         assert_close(layers.gram_diag(inv), auto.gram_diag(inv), **TOL)
+        varying = torch.rand_like(inv) + 0.5
+        assert_close(layers.gram(varying), auto.gram(varying), **TOL)
+        assert_close(layers.gram_diag(varying), auto.gram_diag(varying), **TOL)
         assert_close(layers.column_square_sums(), auto.column_square_sums(), **TOL)
         v = torch.randn(T, D)
         assert_close(layers.matvec(v), auto.matvec(v), **TOL)
@@ -157,7 +160,11 @@ def test_conv_layer_jacobian_equals_autograd() -> None:
     inv = 1.0 / inputs.prior_precision_matrix()
     assert_close(layers.dense(), auto.dense(), **TOL)
     assert_close(layers.gram(inv), auto.gram(inv), **TOL)
+    assert_close(layers.gram_diag(inv), auto.gram_diag(inv), **TOL)
     assert_close(layers.column_square_sums(), auto.column_square_sums(), **TOL)
+    varying = torch.rand_like(inv) + 0.5  # precisions that differ within layers
+    assert_close(layers.gram(varying), auto.gram(varying), **TOL)
+    assert_close(layers.gram_diag(varying), auto.gram_diag(varying), **TOL)
     estimate = kfac(inputs)
     H = estimate.to_dense()
     assert_close(estimate.logdet(), torch.linalg.eigvalsh(H).log().sum(-1), **TOL)

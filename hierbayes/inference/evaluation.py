@@ -48,6 +48,8 @@ class TaskMetrics:
     mse: Tensor | None = None
     accuracy: Tensor | None = None
     coverage: dict[float, Tensor] = field(default_factory=dict)
+    #: Query points per task (the weights of pooled figures).
+    points: Tensor | None = None
 
     @classmethod
     def concat(cls, parts: list[TaskMetrics]) -> TaskMetrics:
@@ -62,17 +64,29 @@ class TaskMetrics:
             if first.accuracy is None
             else torch.cat([p.accuracy for p in parts if p.accuracy is not None]),
             coverage={lvl: torch.cat([p.coverage[lvl] for p in parts]) for lvl in first.coverage},
+            points=None
+            if first.points is None
+            else torch.cat([p.points for p in parts if p.points is not None]),
         )
 
+    def pooled_coverage(self, level: float) -> float:
+        """The fraction of all query points (of all tasks) inside their ``level`` interval."""
+        per_task = self.coverage[level].double()
+        if self.points is None:
+            return float(per_task.mean())
+        weights = self.points.double()
+        return float((per_task * weights).sum() / weights.sum())
+
     def summary(self) -> dict[str, Any]:
-        """Plain-data summary: each metric's mean and 95% interval half-width over tasks."""
+        """Plain-data summary: each metric's mean and 95% interval half-width over tasks, and
+        coverage as the fraction of all query points inside their intervals."""
         out: dict[str, Any] = {"nll": mean_ci95(self.nll)}
         if self.mse is not None:
             out["mse"] = mean_ci95(self.mse)
         if self.accuracy is not None:
             out["accuracy"] = mean_ci95(self.accuracy)
         if self.coverage:
-            out["coverage"] = {f"{lvl:g}": mean_ci95(c)["mean"] for lvl, c in self.coverage.items()}
+            out["coverage"] = {f"{lvl:g}": self.pooled_coverage(lvl) for lvl in self.coverage}
         return out
 
 
@@ -102,8 +116,8 @@ def evaluate_posterior(
         nll = per_task(-prediction.log_prob(yq))
         if isinstance(prediction, CategoricalPrediction):
             correct = (prediction.probs.argmax(-1) == yq).to(weights.dtype)
-            return TaskMetrics(nll=nll, accuracy=per_task(correct))
+            return TaskMetrics(nll=nll, accuracy=per_task(correct), points=counts)
         err = (prediction.mean - yq).square()
         mse = per_task(err.reshape(*err.shape[:2], -1).mean(-1))
         coverage = {lvl: per_task(prediction.covers(yq, lvl).to(weights.dtype)) for lvl in levels}
-        return TaskMetrics(nll=nll, mse=mse, coverage=coverage)
+        return TaskMetrics(nll=nll, mse=mse, coverage=coverage, points=counts)

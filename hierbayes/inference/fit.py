@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -149,8 +150,15 @@ class FitResult:
 
     @property
     def params(self) -> dict[str, Tensor]:
-        """Point estimates of the global latents (``theta``, ``noise_scale``, ...)."""
-        return {k: v.detach() for k, v in self.guide.global_values().items()}
+        """Point estimates of the global latents (``theta``, ``noise_scale``, ...), and the
+        current values of a function model's ``pyro.param`` sites (kept in Pyro's parameter
+        store, shared by name: fitting the same function model again replaces them)."""
+        values = {k: v.detach() for k, v in self.guide.global_values().items()}
+        store = pyro.get_param_store()
+        for name in self.guide.structure.param_sites:
+            if name in store and name not in values and "." not in name:
+                values[name] = store.get_param(name).detach()
+        return values
 
     @property
     def theta(self) -> Tensor:
@@ -174,13 +182,14 @@ class FitResult:
         mask: Tensor | None = None,
         *,
         inner_steps: int | None = None,
+        step_size: float | None = None,
     ) -> TaskPosterior:
         r"""The task posterior of each new task given its support set.
 
         Pass a :class:`~hierbayes.tasks.TaskBatch` (its support set is used) or
         ``support_x`` ``(T, N, ...)``, ``support_y`` and an optional mask. ``inner_steps``
         overrides the number of inner steps for this call (``0``: no adaptation, the
-        posterior sits at the prior mean :math:`\hat\theta`).
+        posterior sits at the prior mean :math:`\hat\theta`), and ``step_size`` a fixed step.
         """
         if isinstance(support_x, TaskBatch):
             batch = support_x
@@ -194,6 +203,12 @@ class FitResult:
             if inner_steps < 0:
                 raise ValueError(f"inner_steps must be >= 0; got {inner_steps}")
             self.guide.inner_steps = inner_steps
+        trained_step_size = None
+        if step_size is not None:
+            if self.guide.learn_step_size != "fixed" or not step_size > 0:
+                raise ValueError("step_size can be overridden only for a fixed, positive step size")
+            trained_step_size = self.guide.step_size.clone()
+            self.guide.step_size.fill_(float(step_size))
         try:
             with torch.no_grad():
                 values = run_guide(self.guide, self.guide.structure, batch)
@@ -202,13 +217,21 @@ class FitResult:
             )
         finally:
             self.guide.inner_steps = trained_steps
+            if trained_step_size is not None:
+                self.guide.step_size.copy_(trained_step_size)
 
     def predict(self, batch: TaskBatch, x: Tensor | None = None, **kwargs: Any) -> Prediction:
         """Adapt to ``batch``'s support sets and predict at ``x`` (default: its query inputs)."""
         posterior = self.adapt(batch)
         if x is None:
             x, _, _ = batch.require_query("predict without x")
-        return posterior.predict(x.to(self.device), **kwargs)
+        return posterior.predict(self._move(x), **kwargs)
+
+    def _move(self, t: Tensor) -> Tensor:
+        dtype = self.config.get("dtype")
+        if dtype is not None and torch.is_floating_point(t):
+            return t.to(device=self.device, dtype=dtype)
+        return t.to(self.device)
 
     def evaluate(
         self,
@@ -216,6 +239,7 @@ class FitResult:
         levels: tuple[float, ...] = (0.5, 0.9),
         *,
         inner_steps: int | None = None,
+        step_size: float | None = None,
         chunk_size: int = 200,
         **kwargs: Any,
     ) -> TaskMetrics:
@@ -227,10 +251,9 @@ class FitResult:
         parts = []
         for start in range(0, batch.num_tasks, chunk_size):
             chunk = batch.select(slice(start, start + chunk_size))
-            posterior = self.adapt(chunk, inner_steps=inner_steps)
-            parts.append(
-                evaluate_posterior(posterior, chunk.to(self.device), levels=levels, **kwargs)
-            )
+            posterior = self.adapt(chunk, inner_steps=inner_steps, step_size=step_size)
+            moved = chunk.to(self.device, dtype=self.config.get("dtype"))
+            parts.append(evaluate_posterior(posterior, moved, levels=levels, **kwargs))
         return TaskMetrics.concat(parts)
 
 
@@ -329,6 +352,9 @@ def fit(
         first.info,
     ).to(dev)  # re-validated
     first.require_query("meta-training")
+    _check_dtype(model, first, dtype)
+    if not isinstance(model, torch.nn.Module) and guide is None:
+        _reset_param_sites(model, first)
     config = dict(
         method=method,
         meta_steps=meta_steps,
@@ -354,7 +380,8 @@ def fit(
             first_order=first_order,
             inner_objective=inner_objective,
         )
-    guide.to(dev)
+    guide.to(device=dev, dtype=dtype)
+    _check_targets(guide, first)
     if objective is None:
         objective = _METHODS[method].objective(num_tasks=source.num_tasks, **method_options)
     result = FitResult(model, guide, objective, method, [], config)
@@ -386,6 +413,18 @@ def fit(
                 result,
             ) from cause
         loss.backward()
+        bad = [
+            p for p in parameters if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        if bad:
+            result.wall_time = time.perf_counter() - start
+            raise MetaTrainingDiverged(
+                f"meta-step {step}: the {method} objective is finite ({value:.6g}) but its gradient "
+                f"holds NaN or infinite values in {len(bad)} parameter tensor(s); no step was taken, "
+                f"so the parameters are those after step {step - 1} (in the exception's .result). "
+                "Try float64, a smaller step_size or lr.",
+                result,
+            )
         optim.step()
         result.history.append(value)
         if progress and step % 50 == 0:
@@ -393,7 +432,78 @@ def fit(
         if callback is not None:
             callback(step, value, result)
     result.wall_time = time.perf_counter() - start
+    _warn_if_prior_collapsed(model, result)
     return result
+
+
+def _check_dtype(model: Any, batch: TaskBatch, dtype: torch.dtype | None) -> None:
+    """A float data/model mismatch, caught here with advice rather than deep inside the model."""
+    if not isinstance(model, torch.nn.Module) or not torch.is_floating_point(batch.support_x):
+        return
+    floats = [t for t in (*model.parameters(), *model.buffers()) if torch.is_floating_point(t)]
+    if floats and floats[0].dtype != batch.support_x.dtype:
+        raise TaskDataError(
+            f"support_x is {batch.support_x.dtype} but the model is {floats[0].dtype}: pass "
+            f"dtype={batch.support_x.dtype} to fit (model and data are then converted together), "
+            "or convert the data"
+        )
+
+
+def _reset_param_sites(model: Any, batch: TaskBatch) -> None:
+    """Forget the ``pyro.param`` values a function model left in Pyro's global store, so that
+    ``fit`` starts from their initial values (reproducible with ``seed``) rather than from
+    whatever an earlier run trained."""
+    from pyro import poutine
+
+    with poutine.block():
+        trace = poutine.trace(model).get_trace(batch.support_x, batch.support_y)
+    store = pyro.get_param_store()
+    for name, site in trace.nodes.items():
+        if site["type"] == "param" and name in store:
+            del store[name]
+
+
+def _check_targets(guide: TruncatedGradientGuide, batch: TaskBatch) -> None:
+    """Score one task's support and query sets once, so that targets of the wrong shape or kind
+    are reported by field before training."""
+    params = guide.global_values()
+    one = batch.select(slice(0, 1))
+    phi = guide.density.prior_mean({k: v.detach() for k, v in params.items()}, one.support_x)
+    xq, yq, mq = one.require_query("meta-training")
+    assert batch.query_y is not None
+    check_mask = getattr(guide.density, "_check_mask", None)
+    if callable(check_mask):  # batch norm cannot take tasks of unequal sizes
+        check_mask(batch.support_mask)
+        check_mask(batch.query_mask)
+    for name, x, y, mask, full in (
+        ("support_y", one.support_x, one.support_y, one.support_mask, batch.support_y),
+        ("query_y", xq, yq, mq, batch.query_y),
+    ):
+        try:
+            with torch.no_grad():
+                guide.density.log_likelihood(params, phi.detach(), x, y, mask)
+        except TaskDataError as err:
+            raise TaskDataError(
+                f"{name} (shape {tuple(full.shape)}) does not fit the model; for task 0: {err}"
+            ) from err
+
+
+def _warn_if_prior_collapsed(model: Any, result: FitResult) -> None:
+    """Warn when a learned prior scale ended far below where it started: the Laplace posterior
+    N(phi_hat, H^-1) is then close to a point mass."""
+    scale = result.params.get("prior_scale")
+    start = getattr(model, "prior_scale_init", None)
+    if scale is None or start is None or scale.numel() != 1:
+        return
+    if float(scale) < 0.01 * float(start):
+        warnings.warn(
+            f"the learned prior scale fell from {start:g} to {float(scale):.3g}: the {result.method} "
+            "objective found no use for weight uncertainty, so the task posteriors are close to "
+            "point masses and predictive intervals come from the noise scale alone. Fix the "
+            "prior scale (learn_prior_scale=False) to keep a Laplace posterior with real width.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _trainable_parameters(model: Any, guide: TruncatedGradientGuide) -> list[Tensor]:

@@ -49,6 +49,7 @@ from hierbayes.inference.predictive import (
     GaussianPrediction,
     MixturePrediction,
     Prediction,
+    prediction_from_distribution,
 )
 from hierbayes.models.contract import TaskDensity
 
@@ -251,16 +252,22 @@ class LaplacePosterior(TaskPosterior):
         self,
         x: Tensor,
         *,
-        method: Literal["linearized", "sampled"] = "linearized",
+        method: Literal["linearized", "sampled"] | None = None,
         num_samples: int = 100,
         generator: torch.Generator | None = None,
         **_: Any,
     ) -> Prediction:
-        r"""Predictive at ``x`` ``(T, M, ...)``: ``"linearized"`` (default) or ``"sampled"``.
+        r"""Predictive at ``x`` ``(T, M, ...)``: ``"linearized"`` or ``"sampled"``.
 
-        For classification the linearised predictive uses the probit approximation
+        The default is linearised for hierbayes ``TaskModel`` networks and sampled for other
+        Pyro programs (whose Jacobian it cannot take). For classification the linearised
+        predictive uses the probit approximation
         :math:`\mathrm{softmax}(f_*/\sqrt{1+\pi v_*/8})` (MacKay 1992).
         """
+        if method is None:
+            method = (
+                "linearized" if getattr(self.density, "network", None) is not None else "sampled"
+            )
         likelihood = getattr(self.density, "likelihood", None)
         classification = bool(getattr(likelihood, "is_classification", False))
         if method == "sampled":
@@ -268,20 +275,26 @@ class LaplacePosterior(TaskPosterior):
             with torch.no_grad():
                 S, T, D = draws.shape
                 xs = x.unsqueeze(0).expand(S, *x.shape).reshape(S * T, *x.shape[1:])
-                f = self.density.predictive(self.params, draws.reshape(S * T, D), xs)
-                if classification:
-                    probs = f.base_dist.probs if hasattr(f, "base_dist") else f.probs  # type: ignore[attr-defined]
+                # p(y | phi_s, x) at every draw, from the model itself (any hierbayes model)
+                per_draw = prediction_from_distribution(
+                    self.density.predictive(self.params, draws.reshape(S * T, D), xs)
+                )
+                if isinstance(per_draw, CategoricalPrediction):
+                    probs = per_draw.probs
                     return CategoricalPrediction(probs.reshape(S, T, *probs.shape[1:]).mean(0))
-                flat = draws.reshape(S * T, D)
-                means = self.density.outputs(self.params, flat, xs)  # type: ignore[attr-defined]
-                means = means.reshape(S * T, means.shape[1], -1)
-                # per draw: a per-task noise scale in phi varies with the draw
-                noise = _noise_variance(self.density, self.params, flat, means)
+                assert isinstance(per_draw, GaussianPrediction)
+                shape = (S, T, *per_draw.mean.shape[1:])
+                # the noise varies with the draw where a per-task noise scale is part of phi
                 return MixturePrediction(
-                    means.reshape(S, T, *means.shape[1:]), noise.reshape(S, T, *means.shape[1:])
+                    per_draw.mean.reshape(shape), per_draw.variance.reshape(shape)
                 )
         if method != "linearized":
             raise ValueError(f"method must be 'linearized' or 'sampled'; got {method!r}")
+        if getattr(self.density, "network", None) is None:
+            raise ModelContractError(
+                "the linearised predictive needs a hierbayes TaskModel (a network whose Jacobian "
+                "it takes); for this Pyro program use predict(x, method='sampled')"
+            )
         inputs = CurvatureInputs(
             self.density,
             self.params,

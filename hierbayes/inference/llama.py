@@ -183,7 +183,7 @@ class LaplacePenaltyObjective(LaplaceObjective):
         if shared and likelihood is not None:
             # one recorded forward pass of the query set serves the likelihood and the curvature
             _, f = output_jacobian(inputs, method=self.jacobian)
-            nll = -likelihood.log_prob_sum(f, yq, params, mq)
+            nll = -cast(Any, density).log_likelihood_of_outputs(params, phi, f, yq, mq)
         else:
             nll = -density.log_likelihood(params, phi, xq, yq, mq)
         loss = nll.mean()
@@ -247,7 +247,13 @@ class LinearizedPredictiveObjective(LaplaceObjective):
         batch, density, params, phi = self._setup(model, guide, args, kwargs)
         xq, yq, mq = batch.require_query("the linearised predictive objective")
         likelihood = getattr(density, "likelihood", None)
-        if likelihood is None or getattr(likelihood, "is_classification", False):
+        if likelihood is None:
+            raise ModelContractError(
+                "the linearised predictive objective needs a hierbayes TaskModel (a network whose "
+                "Jacobian it takes, and a known likelihood); for another Pyro program use "
+                "objective='evidence' or 'paper' with curvature='full'"
+            )
+        if getattr(likelihood, "is_classification", False):
             raise ModelContractError(
                 "the linearised predictive objective is defined for Gaussian likelihoods; use "
                 "objective='evidence' or 'paper' for classification"

@@ -26,11 +26,14 @@ program by re-running it under ``poutine.condition``; built-in models
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import pyro
 import pyro.distributions as dist
+import pyro.poutine.runtime
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
@@ -108,6 +111,26 @@ class ModelStructure:
         batch_shape = value.shape[: value.dim() - event_ndim]
         T = batch_shape[self.tasks_dim]
         return value.reshape(T, self.num_params)
+
+
+@contextmanager
+def _isolated_effects() -> Iterator[None]:
+    """Run Pyro code with an empty effect-handler stack, restoring the caller's afterwards.
+
+    Pyro keeps its handlers in one global stack (``pyro.poutine.runtime._PYRO_STACK``) and its
+    plates' dimensions in one global allocator, and offers no public way to evaluate a program
+    outside the handlers and plates around it; both are set aside here and put back.
+    """
+    runtime = pyro.poutine.runtime
+    stack, dims = runtime._PYRO_STACK, runtime._DIM_ALLOCATOR._stack
+    saved_stack, saved_dims = stack[:], dims[:]
+    stack.clear()
+    dims.clear()
+    try:
+        yield
+    finally:
+        stack[:] = saved_stack
+        dims[:] = saved_dims
 
 
 def _nodes(trace: Trace) -> dict[str, Any]:
@@ -348,7 +371,11 @@ class PyroTaskDensity:
         self._example_x = x[:1]
         data = dict(params)
         data[self.structure.task_site] = self.structure.to_site(phi)
-        return poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, y)
+        # isolated: these evaluations are internal. A handler around them (SVI's parameter
+        # capture, a user's poutine.trace) would otherwise see the model's sites twice, and an
+        # enclosing plate (a guide's, vectorised ELBO particles) would clash with the model's.
+        with _isolated_effects():
+            return poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, y)
 
     def log_likelihood(
         self,
@@ -365,7 +392,7 @@ class PyroTaskDensity:
         return site["fn"].log_prob(site["value"]).reshape(phi.shape[0])
 
     def prior_mean(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        with poutine.block():
+        with _isolated_effects():
             trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(
                 x, None
             )
@@ -385,7 +412,7 @@ class PyroTaskDensity:
             raise ModelContractError(
                 "prior_precision needs the density to have seen an input batch"
             )
-        with poutine.block():
+        with _isolated_effects():
             trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(
                 self._example_x, None
             )
@@ -401,7 +428,7 @@ class PyroTaskDensity:
         return (1.0 / scale.square()).reshape(-1, self.structure.num_params)[0]
 
     def log_hyperprior(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        with poutine.block():
+        with _isolated_effects():
             trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(
                 x, None
             )
@@ -418,7 +445,7 @@ class PyroTaskDensity:
             )
         data = dict(params)
         data[self.structure.task_site] = self.structure.to_site(phi)
-        with poutine.block():
+        with _isolated_effects():
             trace = poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, None)
         fn: dist.Distribution = _nodes(trace)[self.structure.observed_sites[0]]["fn"]
         return fn

@@ -22,6 +22,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
+from hierbayes.errors import TaskDataError
+
 __all__ = ["CategoricalLikelihood", "GaussianLikelihood", "Likelihood"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -60,6 +62,10 @@ class Likelihood(ABC):
     ) -> Tensor:
         """Fisher information of the per-task parameters, diagonal, ``(T, k)``."""
         return f.new_zeros(f.shape[0], 0)
+
+    @abstractmethod
+    def check_targets(self, f: Tensor, y: Tensor) -> None:
+        """Raise :class:`~hierbayes.errors.TaskDataError` if ``y`` cannot be scored against ``f``."""
 
     @abstractmethod
     def distribution(self, f: Tensor, params: Mapping[str, Tensor]) -> dist.Distribution:
@@ -177,16 +183,27 @@ class GaussianLikelihood(Likelihood):
         return dist.Normal(f, self.scale(params)).to_event(f.dim() - 2)
 
     def log_prob(self, f: Tensor, y: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        self.check_targets(f, y)
         sigma = self.scale(params)
         log_sigma = torch.log(sigma) if isinstance(sigma, Tensor) else math.log(sigma)
         z = (y - f) / sigma
         per_value = -0.5 * z.square() - log_sigma - _HALF_LOG_2PI
         return per_value.reshape(*f.shape[:2], -1).sum(-1)
 
+    def check_targets(self, f: Tensor, y: Tensor) -> None:
+        """Raise :class:`TaskDataError` unless ``y`` has the outputs' shape ``(T, N, C)``."""
+        if y.shape != f.shape:
+            hint = " (add the output dimension: y.unsqueeze(-1))" if y.shape == f.shape[:-1] else ""
+            raise TaskDataError(
+                f"targets have shape {tuple(y.shape)} but the model's outputs have "
+                f"{tuple(f.shape)}: give y as (tasks, points, outputs){hint}"
+            )
+
     def log_prob_sum(
         self, f: Tensor, y: Tensor, params: Mapping[str, Tensor], mask: Tensor | None = None
     ) -> Tensor:
         # The normalising constant is added once per task rather than once per value.
+        self.check_targets(f, y)
         sigma = self.scale(params)
         sq = ((y - f) / sigma).square()
         if sq.dim() > 2:
@@ -232,7 +249,21 @@ class CategoricalLikelihood(Likelihood):
     def distribution(self, f: Tensor, params: Mapping[str, Tensor]) -> dist.Distribution:
         return dist.Categorical(logits=f)
 
+    def check_targets(self, f: Tensor, y: Tensor) -> None:
+        """Raise :class:`TaskDataError` unless ``y`` holds integer labels ``(T, N)`` in range."""
+        if y.shape != f.shape[:2] or y.is_floating_point():
+            raise TaskDataError(
+                f"labels must be integers of shape {tuple(f.shape[:2])} (tasks, points); got "
+                f"{y.dtype} {tuple(y.shape)}"
+            )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= f.shape[-1]):
+            raise TaskDataError(
+                f"labels must lie in 0..{f.shape[-1] - 1} for {f.shape[-1]} classes; got "
+                f"{int(y.min())}..{int(y.max())}"
+            )
+
     def log_prob(self, f: Tensor, y: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        self.check_targets(f, y)
         return torch.log_softmax(f, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
     def output_precision(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:

@@ -27,6 +27,7 @@ from pyro import poutine
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 
+from hierbayes.errors import TaskDataError
 from hierbayes.models.contract import ModelStructure
 from hierbayes.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
 from hierbayes.models.network import BatchedNetwork, LayerRecord
@@ -194,6 +195,14 @@ class TaskModel(PyroModule):
             values["prior_scale"] = ref.new_tensor(self.prior_scale_init)
         return values
 
+    def _apply(self, fn: Any, recurse: bool = True) -> TaskModel:
+        # .to() / .double() / .cuda() also reach the wrapped network's buffers (batch-norm
+        # statistics and the like), which BatchedNetwork holds outside the module tree
+        super()._apply(fn, recurse)
+        self.net.module._apply(fn, recurse)
+        self.net._buffers = dict(self.net.module.named_buffers())
+        return self
+
     def jax_log_density(self) -> Any:
         """A pure-JAX ``log_density(phi, x, y, params, mask=None)`` of one task (likelihood plus
         prior), for NumPyro's NUTS; ``params`` from :func:`hierbayes.models.jax_density.jax_params`.
@@ -222,6 +231,12 @@ class TaskModelDensity:
         self.structure = structure
         self.likelihood = model.likelihood
         self.network = model.net
+        self._has_batch_norm = any(
+            step.kind == "batchnorm" for step in (model.net._plan or [])
+        ) or any(
+            isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+            for m in model.net.module.modules()
+        )
 
     def outputs(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
         r""":math:`f(x_{jn}; \phi_j)`, ``(T, N, *output_shape)``."""
@@ -271,8 +286,29 @@ class TaskModelDensity:
         y: Tensor,
         mask: Tensor | None = None,
     ) -> Tensor:
+        self._check_mask(mask)
         net, task_params = self.model.split(params, phi)
         return self.likelihood.log_prob_sum(self.network(net, x), y, task_params, mask)
+
+    def log_likelihood_of_outputs(
+        self,
+        params: Mapping[str, Tensor],
+        phi: Tensor,
+        f: Tensor,
+        y: Tensor,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        r""":math:`\log p(y_j\mid\phi_j)` from already computed outputs ``f`` at ``phi``."""
+        return self.likelihood.log_prob_sum(f, y, self.model.split(params, phi)[1], mask)
+
+    def _check_mask(self, mask: Tensor | None) -> None:
+        if mask is None or self._has_batch_norm is False or bool(mask.all()):
+            return
+        raise TaskDataError(
+            "this network normalises each task's batch of points (batch norm), so padded points "
+            "of tasks with unequal sizes would enter the statistics of the real ones: give every "
+            "task the same number of points, or use a network without batch norm"
+        )
 
     def log_prior(
         self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor | None = None

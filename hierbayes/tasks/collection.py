@@ -145,8 +145,12 @@ class TaskCollection:
                     f"task {j}: {fx} has {x.shape[0]} points but {fy} has {y.shape[0]}; each "
                     "input needs one target"
                 )
-            if x.shape[0] == 0 and prefix == "support":
-                raise TaskDataError(f"task {j} has an empty support set")
+            if x.shape[0] == 0:
+                raise TaskDataError(
+                    f"task {j} has an empty {prefix} set: every task needs at least one "
+                    f"{prefix} point (leave the task out, or give it none of both query arrays "
+                    "with require_query=False)"
+                )
             ref_x, ref_y = columns[fx][0], columns[fy][0]
             if x.shape[1:] != ref_x.shape[1:] or y.shape[1:] != ref_y.shape[1:]:
                 raise TaskDataError(

@@ -60,9 +60,11 @@ class EpisodicSampler:
             )
         if ys.is_floating_point():
             raise TaskDataError(f"labels must be integers; got {ys.dtype}")
-        if torch.is_floating_point(xs):
+        if not torch.is_floating_point(xs):
+            # e.g. uint8 images: networks take floating-point inputs (values are kept, not scaled)
             xs = xs.to(torch.get_default_dtype())
-            check_finite("inputs", xs.unsqueeze(0))
+        xs = xs.to(torch.get_default_dtype())
+        check_finite("inputs", xs.unsqueeze(0))
         if ways < 2 or shots < 1 or query_shots < 0:
             raise ValueError(
                 f"need ways >= 2, shots >= 1, query_shots >= 0; got {ways}, {shots}, {query_shots}"

@@ -203,56 +203,70 @@ class LayerJacobian(OutputJacobian):
             return None
         return first.unsqueeze(-1)
 
+    def _gram_trick(self, index: int, inv_precision: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """``(c_W, c_b)`` ``(T, 1, 1)`` if layer ``index`` is linear on ``(T, N, in)`` inputs with
+        a constant inverse precision per weight and per bias, else ``None``."""
+        rec = self.records[index]
+        if rec.kind != "linear" or rec.inputs.dim() != 3:
+            return None
+        cw = self._layer_scalar(inv_precision, self.layout.slice(rec.weight))
+        if cw is None:
+            return None
+        if rec.bias is None:
+            return cw, None
+        cb = self._layer_scalar(inv_precision, self.layout.slice(rec.bias))
+        return None if cb is None else (cw, cb)
+
+    def _explicit_gram(self, index: int, inv_precision: Tensor, other: LayerJacobian) -> Tensor:
+        """One layer's Gram matrix from its per-row weight and bias gradients (convolutions,
+        or precisions that vary within the layer)."""
+        ws, bs, w, b = self.blocks()[index]
+        _, _, w2, b2 = other.blocks()[index]
+        term = (w * inv_precision[:, ws].unsqueeze(1)) @ w2.transpose(1, 2)
+        if bs is not None and b is not None and b2 is not None:
+            term = term + (b * inv_precision[:, bs].unsqueeze(1)) @ b2.transpose(1, 2)
+        return term
+
     def gram(self, inv_precision: Tensor, other: OutputJacobian | None = None) -> Tensor:
         other_layers = self if other is None else other
         if not isinstance(other_layers, LayerJacobian):
             return DenseJacobian(self.dense()).gram(inv_precision, other)
         total: Tensor | None = None
-        for rec, g, rec2, g2 in zip(
-            self.records, self.gtilde, other_layers.records, other_layers.gtilde, strict=True
+        for index, (rec, g, rec2, g2) in enumerate(
+            zip(self.records, self.gtilde, other_layers.records, other_layers.gtilde, strict=True)
         ):
-            ws = self.layout.slice(rec.weight)
-            bs = self.layout.slice(rec.bias) if rec.bias is not None else None
-            cw = self._layer_scalar(inv_precision, ws)
-            cb = self._layer_scalar(inv_precision, bs) if bs is not None else None
-            if (
-                rec.kind != "linear"
-                or rec.inputs.dim() != 3
-                or cw is None
-                or (bs is not None and cb is None)
-            ):
-                return DenseJacobian(self.dense()).gram(
-                    inv_precision, DenseJacobian(other_layers.dense())
-                )
-            T = g.shape[0]
-            aa = rec.inputs @ rec2.inputs.transpose(1, 2)  # (T, N, N')
-            coef = aa * cw if cb is None else aa * cw + cb
-            k1, k2 = g.shape[2], g2.shape[2]
-            coef = coef.repeat_interleave(k1, dim=1).repeat_interleave(k2, dim=2)
-            gg = g.reshape(T, -1, g.shape[-1]) @ g2.reshape(T, -1, g2.shape[-1]).transpose(1, 2)
-            term = coef * gg
+            scalars = self._gram_trick(index, inv_precision)
+            if scalars is None:
+                term = self._explicit_gram(index, inv_precision, other_layers)
+            else:
+                cw, cb = scalars
+                T = g.shape[0]
+                aa = rec.inputs @ rec2.inputs.transpose(1, 2)  # (T, N, N')
+                coef = aa * cw if cb is None else aa * cw + cb
+                k1, k2 = g.shape[2], g2.shape[2]
+                if k1 > 1 or k2 > 1:
+                    coef = coef.repeat_interleave(k1, dim=1).repeat_interleave(k2, dim=2)
+                gg = g.reshape(T, -1, g.shape[-1]) @ g2.reshape(T, -1, g2.shape[-1]).transpose(1, 2)
+                term = coef * gg
             total = term if total is None else total + term
         assert total is not None
         return total
 
     def gram_diag(self, inv_precision: Tensor) -> Tensor:
         total: Tensor | None = None
-        for rec, g in zip(self.records, self.gtilde, strict=True):
-            ws = self.layout.slice(rec.weight)
-            bs = self.layout.slice(rec.bias) if rec.bias is not None else None
-            cw = self._layer_scalar(inv_precision, ws)
-            cb = self._layer_scalar(inv_precision, bs) if bs is not None else None
-            if (
-                rec.kind != "linear"
-                or rec.inputs.dim() != 3
-                or cw is None
-                or (bs is not None and cb is None)
-            ):
-                return DenseJacobian(self.dense()).gram_diag(inv_precision)
-            T = g.shape[0]
-            aa = rec.inputs.square().sum(-1, keepdim=True)  # (T, N, 1)
-            coef = aa * cw[:, :, :1] if cb is None else aa * cw[:, :, :1] + cb[:, :, :1]
-            term = (coef * g.square().sum(-1)).reshape(T, -1)
+        for index, (rec, g) in enumerate(zip(self.records, self.gtilde, strict=True)):
+            scalars = self._gram_trick(index, inv_precision)
+            if scalars is None:
+                ws, bs, w, b = self.blocks()[index]
+                term = (w.square() * inv_precision[:, ws].unsqueeze(1)).sum(-1)
+                if bs is not None and b is not None:
+                    term = term + (b.square() * inv_precision[:, bs].unsqueeze(1)).sum(-1)
+            else:
+                cw, cb = scalars
+                T = g.shape[0]
+                aa = rec.inputs.square().sum(-1, keepdim=True)  # (T, N, 1)
+                coef = aa * cw[:, :, :1] if cb is None else aa * cw[:, :, :1] + cb[:, :, :1]
+                term = (coef * g.square().sum(-1)).reshape(T, -1)
             total = term if total is None else total + term
         assert total is not None
         return total
