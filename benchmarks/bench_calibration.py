@@ -7,7 +7,8 @@ evaluates each on the same held-out tasks (``hierbayes.experiments.sinusoid``), 
 query NLL and MSE (with paired per-task differences against MAML) and 90%/50% coverage by
 amplitude tercile:
 
-* ``maml`` and ``llama`` (the linearised Laplace predictive objective, GGN, learned prior scale);
+* ``maml`` and ``llama`` (the linearised Laplace predictive objective, GGN, prior scale 0.1;
+  ``+learned_s``: the prior scale learned too);
 * ``+pertask``: a per-task noise scale inside phi, adapted by the inner loop (the remedy);
 * ``+sgd``: Meta-SGD's learned per-parameter step sizes (so the noise entry can move fast).
 
@@ -35,6 +36,7 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("maml+sgd", "maml", {"learn_step_size": "per_parameter"}),
     ("maml+pertask+sgd", "maml", {"per_task_noise": True, "learn_step_size": "per_parameter"}),
     ("llama", "llama", {}),
+    ("llama+learned_s", "llama", {"learn_prior_scale": True}),
     ("llama+pertask", "llama", {"per_task_noise": True}),
     ("llama+sgd", "llama", {"learn_step_size": "per_parameter"}),
     ("llama+pertask+sgd", "llama", {"per_task_noise": True, "learn_step_size": "per_parameter"}),

@@ -312,6 +312,13 @@ def fit(
         for ``"llama"``).
     callback:
         Called as ``callback(step, loss, result)`` after every meta-step.
+
+    Notes
+    -----
+    ``fit`` trains ``model`` and the guide in place (fit a fresh model for each run you want
+    to keep), moves the model to ``device``/``dtype``, and seeds torch's global generator with
+    ``seed``. A pre-built ``guide`` brings its own inner-loop settings; ``inner_steps``,
+    ``step_size`` and the other guide options are then not used.
     **method_options:
         Passed to the method's objective (e.g. ``curvature="ggn"`` for ``"llama"``).
 
@@ -383,7 +390,12 @@ def fit(
     guide.to(device=dev, dtype=dtype)
     _check_targets(guide, first)
     if objective is None:
-        objective = _METHODS[method].objective(num_tasks=source.num_tasks, **method_options)
+        try:
+            objective = _METHODS[method].objective(num_tasks=source.num_tasks, **method_options)
+        except TypeError as err:
+            raise ValueError(
+                f"method {method!r} does not take the options {sorted(method_options)} ({err})"
+            ) from err
     result = FitResult(model, guide, objective, method, [], config)
     parameters = _trainable_parameters(model, guide)
     optim = torch.optim.Adam(parameters, lr=lr)
