@@ -425,10 +425,12 @@ def fit(
                 result,
             ) from cause
         loss.backward()
-        bad = [
-            p for p in parameters if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        ]
-        if bad:
+        if not _gradients_finite(parameters):
+            bad = [
+                p
+                for p in parameters
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            ]
             result.wall_time = time.perf_counter() - start
             raise MetaTrainingDiverged(
                 f"meta-step {step}: the {method} objective is finite ({value:.6g}) but its gradient "
@@ -446,6 +448,17 @@ def fit(
     result.wall_time = time.perf_counter() - start
     _warn_if_prior_collapsed(model, result)
     return result
+
+
+def _gradients_finite(parameters: list[Tensor]) -> bool:
+    """Whether every gradient is finite, with one synchronisation: a sum is NaN or infinite
+    when any of its terms is (an overflow of finite terms would only cause a false alarm)."""
+    total: Tensor | None = None
+    for p in parameters:
+        if p.grad is not None:
+            s = p.grad.sum()
+            total = s if total is None else total + s
+    return total is None or bool(torch.isfinite(total))
 
 
 def _check_dtype(model: Any, batch: TaskBatch, dtype: torch.dtype | None) -> None:
