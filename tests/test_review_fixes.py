@@ -244,3 +244,18 @@ def test_bad_collections_and_integer_images() -> None:
     images = torch.randint(0, 255, (12, 1, 2, 2), dtype=torch.uint8)
     sampler = EpisodicSampler(images, torch.arange(12) // 4, ways=2, shots=1, query_shots=1)
     assert torch.is_floating_point(sampler.sample(2).support_x)
+
+
+def test_heavy_tailed_globals_start_at_a_median_not_a_huge_mean() -> None:
+    from hierbayes.models import model_structure
+
+    def model(x, y=None):  # type: ignore[no-untyped-def]
+        s = pyro.sample("s", dist.LogNormal(0.0, 10.0))  # mean e^50
+        with pyro.plate("tasks", x.shape[0], dim=-2):
+            phi = pyro.sample("phi", dist.Normal(0.0, s).expand([2]).to_event(1))
+            with pyro.plate("data", x.shape[1], dim=-1):
+                pyro.sample("y", dist.Normal(x[..., 0] * phi[..., 0], 1.0), obs=y[..., 0])
+
+    batch = regression_batch()
+    (site,) = model_structure(model, batch.support_x, batch.support_y).global_sites
+    assert 0 < float(site.prior_mean) < 1e6

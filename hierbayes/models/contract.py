@@ -37,6 +37,7 @@ import pyro.poutine.runtime
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
+from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
@@ -147,13 +148,20 @@ def _plate_frame(site: Mapping[str, Any], name: str) -> Any:
 
 
 def _prior_mean(site: Mapping[str, Any]) -> Tensor:
-    """The prior mean of a global site, or its prototype draw where the mean is not finite."""
+    """Where the guide starts a global site: its prior mean, or, where the mean is undefined or
+    far out in a heavy tail (a LogNormal(0, 10) has mean e^50), the median of prior draws as
+    Pyro's ``AutoDelta`` does (``init_to_median``)."""
     value: Tensor = site["value"].detach()
     try:
         mean = site["fn"].mean.detach().expand(value.shape)
+        if bool(torch.isfinite(mean).all()) and (
+            mean.numel() == 0 or float(mean.abs().max()) < 1e6
+        ):
+            return mean.clone()
     except (NotImplementedError, RuntimeError, ValueError):
-        return value
-    return mean.clone() if bool(torch.isfinite(mean).all()) else value
+        pass
+    median: Tensor = init_to_median(dict(site)).detach()
+    return median
 
 
 def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> ModelStructure:
