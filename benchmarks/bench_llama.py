@@ -1,7 +1,7 @@
 """Meta-step time and peak memory of every LLAMA objective and curvature, beside MAML's.
 
 Workload: the sinusoid benchmark (25 tasks a meta-batch, 10 support + 10 query points, the
-1-40-40-1 ReLU network, one inner step, second order), through ``hierbayes.inference.fit``.
+1-40-40-1 ReLU network, one inner step, second order), through ``hierbayes.inference.training.fit``.
 Each configuration runs in a fresh worker process (so the resident-memory peak is its own),
 rounds are interleaved across configurations, and the median over rounds is reported with
 the ratio to MAML's meta-step time measured in the same round.

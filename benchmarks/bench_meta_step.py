@@ -5,7 +5,7 @@ ReLU network, one inner step, second order, Adam. Every implementation optimises
 objective (query Gaussian NLL with a learned noise scale, inner step on the summed support log
 likelihood) and draws its tasks from the same ``SinusoidTasks`` source every step.
 
-* ``hierbayes_fit``: ``hierbayes.inference.fit`` (the guide's inner loop and the model's
+* ``hierbayes_fit``: ``hierbayes.inference.training.fit`` (the guide's inner loop and the model's
   native log density; no Pyro handler active);
 * ``hierbayes_svi``: ``pyro.infer.SVI(model, guide, Adam, loss=MAMLObjective())``, i.e. the
   guide traced as a Pyro program at every step;

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from hierbayes.inference import PointMassPosterior
-from hierbayes.inference.arviz_bridge import (
+from hierbayes.inference.evaluation.arviz_bridge import (
     compare_elpd,
     convergence_diagnostics,
     heldout_pointwise,
@@ -20,8 +20,12 @@ from hierbayes.inference.arviz_bridge import (
     plot_posterior,
     to_inference_data,
 )
-from hierbayes.inference.posterior import TaskPosterior
-from hierbayes.inference.samples import GaussianPosterior, SamplePosterior, posterior_draws
+from hierbayes.inference.posteriors.base import TaskPosterior
+from hierbayes.inference.posteriors.samples import (
+    GaussianPosterior,
+    SamplePosterior,
+    posterior_draws,
+)
 from hierbayes.models import (
     BayesianLinearRegression,
     GaussianLikelihood,
@@ -207,12 +211,12 @@ def test_arviz_is_imported_by_the_bridge_only() -> None:
             for line in path.read_text().splitlines()
         )
     )
-    assert importers == ["inference/arviz_bridge.py"]
+    assert importers == ["inference/evaluation/arviz_bridge.py"]
 
 
 def test_per_task_noise_draws_predict_and_name_the_noise_entry() -> None:
     """A per-task noise scale in phi: the predictive mixes components of different widths."""
-    from hierbayes.inference.samples import PerDrawNoiseMixture
+    from hierbayes.inference.posteriors.samples import PerDrawNoiseMixture
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1))

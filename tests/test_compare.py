@@ -24,15 +24,15 @@ from hierbayes.experiments.compare import (
     run_compare,
 )
 from hierbayes.inference import PointMassPosterior, TaskPosterior
-from hierbayes.inference.compare import (
+from hierbayes.inference.evaluation.compare import (
     ReferenceNotConvergedWarning,
     compare_approximations,
     symmetric_sqrt,
     wasserstein2_gaussian,
 )
-from hierbayes.inference.meanfield import meanfield_vi
-from hierbayes.inference.nuts import nuts_numpyro
-from hierbayes.inference.samples import SamplePosterior
+from hierbayes.inference.posteriors.samples import SamplePosterior
+from hierbayes.inference.reference.meanfield import meanfield_vi
+from hierbayes.inference.reference.nuts import nuts_numpyro
 from hierbayes.models import BayesianLinearRegression, model_structure
 
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -187,7 +187,7 @@ def test_equal_gaussians_give_equal_rows(linear_case: dict[str, Any]) -> None:
 
 
 def test_laplace_row_equals_exact_row(linear_case: dict[str, Any]) -> None:
-    laplace = pytest.importorskip("hierbayes.inference.laplace")
+    laplace = pytest.importorskip("hierbayes.inference.posteriors.laplace")
     tasks, exact, reference = linear_case["tasks"], linear_case["exact"], linear_case["reference"]
     posterior = laplace.laplace_posterior(
         linear_case["density"],
@@ -282,7 +282,9 @@ def test_reference_choice(linear_case: dict[str, Any]) -> None:
 # -- the experiment ------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::hierbayes.inference.compare.ReferenceNotConvergedWarning")
+@pytest.mark.filterwarnings(
+    "ignore::hierbayes.inference.evaluation.compare.ReferenceNotConvergedWarning"
+)
 def test_compare_experiment_linear_quick(tmp_path: Path) -> None:
     report = run_compare(CompareSettings.quick(), tmp_path, problems=("linear",))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -325,7 +327,9 @@ def test_compare_experiment_linear_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::hierbayes.inference.compare.ReferenceNotConvergedWarning")
+@pytest.mark.filterwarnings(
+    "ignore::hierbayes.inference.evaluation.compare.ReferenceNotConvergedWarning"
+)
 def test_compare_command_quick(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))

@@ -12,13 +12,13 @@ from torch.testing import assert_close
 
 from hierbayes.inference import TruncatedGradientGuide, fit
 from hierbayes.inference.curvature import CurvatureInputs, build_curvature
-from hierbayes.inference.laplace import (
+from hierbayes.inference.posteriors.laplace import (
     LaplacePosterior,
     laplace_log_evidence,
     laplace_posterior,
     linearized_predictive,
 )
-from hierbayes.inference.llama import (
+from hierbayes.inference.svi.llama import (
     LaplaceEvidenceObjective,
     LaplacePenaltyObjective,
     LinearizedPredictiveObjective,

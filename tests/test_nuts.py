@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference import MixturePrediction
-from hierbayes.inference.nuts import initial_points, nuts_numpyro, nuts_pyro
-from hierbayes.inference.samples import SamplePosterior
+from hierbayes.inference.posteriors.samples import SamplePosterior
+from hierbayes.inference.reference.nuts import initial_points, nuts_numpyro, nuts_pyro
 from hierbayes.models import BayesianLinearRegression, model_structure
 from hierbayes.tasks import TaskBatch
 
@@ -157,8 +157,8 @@ def test_jax_and_arviz_stay_optional_at_import() -> None:
     """Importing the NUTS, comparison and VI modules loads neither JAX nor ArviZ."""
     code = (
         "import sys\n"
-        "import hierbayes.inference.nuts, hierbayes.inference.compare\n"
-        "import hierbayes.inference.meanfield, hierbayes.experiments.compare\n"
+        "import hierbayes.inference.reference.nuts, hierbayes.inference.evaluation.compare\n"
+        "import hierbayes.inference.reference.meanfield, hierbayes.experiments.compare\n"
         "print(sorted(m for m in ('jax', 'numpyro', 'arviz') if m in sys.modules))\n"
     )
     out = subprocess.run(

@@ -23,7 +23,7 @@ from hierbayes.inference import (
     fit,
     meanfield_vi,
 )
-from hierbayes.inference.fit import _warn_if_prior_collapsed
+from hierbayes.inference.training.fit import _warn_if_prior_collapsed
 from hierbayes.models import GaussianLikelihood, NeuralRegression, TaskModel
 from hierbayes.tasks import EpisodicSampler, SinusoidTasks, TaskBatch, TaskCollection
 from tests.helpers import regression_batch, tiny_mlp

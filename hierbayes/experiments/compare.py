@@ -1,6 +1,6 @@
 r"""``python -m hierbayes compare``: every posterior approximation beside NUTS, in ArviZ.
 
-Two problems, each meta-trained with MAML (:func:`~hierbayes.inference.fit`), then a few held-out
+Two problems, each meta-trained with MAML (:func:`~hierbayes.inference.training.fit`), then a few held-out
 tasks adapted by every method with the same :math:`\hat\theta` (and noise scale):
 
 * **linear**: Bayesian linear regression (:class:`~hierbayes.models.BayesianLinearRegression`,
@@ -11,7 +11,7 @@ tasks adapted by every method with the same :math:`\hat\theta` (and noise scale)
 
 Rows: ``maml`` (the point mass), ``laplace_<curvature>`` (see :func:`laplace_approximations`),
 ``meanfield_vi``, ``nuts_pyro``, ``nuts_numpyro`` (the reference) and, for the linear problem,
-``exact``. :func:`~hierbayes.inference.compare.compare_approximations` scores them; ``DIR``
+``exact``. :func:`~hierbayes.inference.evaluation.compare.compare_approximations` scores them; ``DIR``
 receives ``metrics.json``::
 
     {"linear":   {"approximations": {"maml": {...}, ...}, "reference": ..., ...},
@@ -43,10 +43,10 @@ from typing import Any
 import torch
 
 from hierbayes.inference import FitResult, TaskPosterior, fit, linear_gaussian
-from hierbayes.inference.compare import ComparisonResult, compare_approximations
-from hierbayes.inference.meanfield import meanfield_vi
-from hierbayes.inference.nuts import nuts_numpyro, nuts_pyro
-from hierbayes.inference.samples import GaussianPosterior
+from hierbayes.inference.evaluation.compare import ComparisonResult, compare_approximations
+from hierbayes.inference.posteriors.samples import GaussianPosterior
+from hierbayes.inference.reference.meanfield import meanfield_vi
+from hierbayes.inference.reference.nuts import nuts_numpyro, nuts_pyro
 from hierbayes.models import BayesianLinearRegression, GaussianLikelihood, NeuralRegression
 from hierbayes.tasks import SinusoidTasks, TaskBatch
 
@@ -204,7 +204,7 @@ def laplace_approximations(result: FitResult, tasks: TaskBatch) -> dict[str, Any
     """
     import warnings
 
-    from hierbayes.inference.laplace import laplace_posterior
+    from hierbayes.inference.posteriors.laplace import laplace_posterior
 
     density = result.guide.density
     curvatures = ["ggn", "kfac", "diag"]

@@ -14,7 +14,7 @@ r"""The linear-Gaussian experiment: the paper's theorem made executable (MATH.md
 3. **Empirical Bayes recovers the truth.** :math:`J` tasks are simulated from a known
    :math:`\theta^*` (:math:`\phi_j\sim\mathcal N(\theta^*, s^2I)`); :math:`\hat\theta` from
    exact evidence maximisation (closed form, all of a task's points) and from MAML (closed
-   form, and :func:`~hierbayes.inference.fit` on the built-in linear model) approaches
+   form, and :func:`~hierbayes.inference.training.fit` on the built-in linear model) approaches
    :math:`\theta^*` like :math:`1/\sqrt J`, as its exact sampling covariance predicts.
 """
 
@@ -386,7 +386,7 @@ def theta_recovery(config: LinearConfig) -> dict[str, Any]:
     For each J: ``replicates`` independent collections (closed-form estimators; the root mean
     square error and the predicted one, :math:`\sqrt{\operatorname{tr}C_J}`, and the mean of
     the squared Mahalanobis distance over :math:`D`, which is 1 when the covariance is right),
-    and one collection meta-trained with :func:`~hierbayes.inference.fit` (MAML on the built-in
+    and one collection meta-trained with :func:`~hierbayes.inference.training.fit` (MAML on the built-in
     :class:`~hierbayes.models.BayesianLinearRegression`, no hyperprior, full-batch), compared
     with the closed form on the same tasks.
     """

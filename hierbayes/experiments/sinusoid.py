@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from hierbayes.inference import FitResult, TaskMetrics, fit, mean_ci95
-from hierbayes.inference.guide import StepSizeMode
+from hierbayes.inference.svi.guide import StepSizeMode
 from hierbayes.models import NeuralRegression
 from hierbayes.tasks import SinusoidTasks, TaskBatch
 

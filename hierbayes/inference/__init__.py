@@ -1,13 +1,38 @@
 """Inference: the truncated-gradient guide, meta-objectives, ``fit`` and task posteriors."""
 
-from hierbayes.inference.compare import (
+from hierbayes.inference.core.inner_loop import gradient_steps
+from hierbayes.inference.evaluation.compare import (
     ComparisonResult,
     ReferenceNotConvergedWarning,
     compare_approximations,
     wasserstein2_gaussian,
 )
-from hierbayes.inference.evaluation import TaskMetrics, evaluate_posterior, mean_ci95
-from hierbayes.inference.fit import (
+from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior, mean_ci95
+from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
+from hierbayes.inference.posteriors.laplace import (
+    LaplacePosterior,
+    laplace_log_evidence,
+    laplace_posterior,
+    linearized_predictive,
+)
+from hierbayes.inference.posteriors.predictive import (
+    CategoricalPrediction,
+    GaussianPrediction,
+    MixturePrediction,
+    Prediction,
+)
+from hierbayes.inference.posteriors.samples import GaussianPosterior, SamplePosterior
+from hierbayes.inference.reference.meanfield import MeanFieldPosterior, meanfield_vi
+from hierbayes.inference.reference.nuts import nuts_numpyro, nuts_pyro
+from hierbayes.inference.svi.guide import TruncatedGradientGuide
+from hierbayes.inference.svi.llama import (
+    LaplaceEvidenceObjective,
+    LaplacePenaltyObjective,
+    LinearizedPredictiveObjective,
+    llama_objective,
+)
+from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
+from hierbayes.inference.training.fit import (
     FitResult,
     MetaTrainingDiverged,
     Method,
@@ -15,31 +40,6 @@ from hierbayes.inference.fit import (
     methods,
     register_method,
 )
-from hierbayes.inference.guide import TruncatedGradientGuide
-from hierbayes.inference.inner_loop import gradient_steps
-from hierbayes.inference.laplace import (
-    LaplacePosterior,
-    laplace_log_evidence,
-    laplace_posterior,
-    linearized_predictive,
-)
-from hierbayes.inference.llama import (
-    LaplaceEvidenceObjective,
-    LaplacePenaltyObjective,
-    LinearizedPredictiveObjective,
-    llama_objective,
-)
-from hierbayes.inference.meanfield import MeanFieldPosterior, meanfield_vi
-from hierbayes.inference.nuts import nuts_numpyro, nuts_pyro
-from hierbayes.inference.objectives import MAMLObjective, MetaObjective
-from hierbayes.inference.posterior import PointMassPosterior, TaskPosterior
-from hierbayes.inference.predictive import (
-    CategoricalPrediction,
-    GaussianPrediction,
-    MixturePrediction,
-    Prediction,
-)
-from hierbayes.inference.samples import GaussianPosterior, SamplePosterior
 
 __all__ = [
     "CategoricalPrediction",

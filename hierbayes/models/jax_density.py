@@ -14,7 +14,7 @@ the same quantity as ``TaskModelDensity.log_likelihood + TaskModelDensity.log_pr
 task (``m`` is the optional mask of real points). With a per-task Gaussian noise scale
 (``GaussianLikelihood(per_task=True)``), :math:`\log\sigma_j` is the last entry of
 :math:`\phi_j` with its own prior scale, as in the torch model. NumPyro's NUTS samples
-:math:`p(\phi \mid x, y, \hat\theta)` with it (:func:`hierbayes.inference.nuts.nuts_numpyro`);
+:math:`p(\phi \mid x, y, \hat\theta)` with it (:func:`hierbayes.inference.reference.nuts.nuts_numpyro`);
 the tests check it against the torch density in float64 to 1e-10 on random inputs.
 
 The network is rebuilt layer by layer from the module (a ``nn.Linear`` or an ``nn.Sequential``,
@@ -22,7 +22,7 @@ possibly nested, of ``Linear``, ``Flatten`` and element-wise activations), readi
 parameter's slice of :math:`\phi` from the model's
 :class:`~hierbayes.models.network.ParameterLayout` (row-major, ``named_parameters`` order).
 Convolutions, pooling and batch norm are not translated: use
-:func:`~hierbayes.inference.nuts.nuts_pyro`, which runs any hierbayes model.
+:func:`~hierbayes.inference.reference.nuts.nuts_pyro`, which runs any hierbayes model.
 
 JAX is optional: it is imported when a function here is called, never at package import.
 

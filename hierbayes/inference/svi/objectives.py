@@ -70,7 +70,7 @@ def run_guide(guide: Any, structure: ModelStructure, batch: TaskBatch) -> GuideV
     Inside any Pyro effect handler (``SVI``'s parameter capture, ``poutine.scale``,
     ``poutine.block``, a user's ``poutine.trace``) the guide runs as a Pyro program under
     ``poutine.trace``, so every handler sees its ``pyro.param`` and ``pyro.sample`` statements.
-    With no handler active (as in :func:`~hierbayes.inference.fit`) the same values come from
+    With no handler active (as in :func:`~hierbayes.inference.training.fit`) the same values come from
     the guide's pure functions, ``global_values`` and ``adapt``, without Pyro's bookkeeping;
     the tests check that both give the same loss and gradients.
     """

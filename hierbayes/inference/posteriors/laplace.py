@@ -43,8 +43,8 @@ from hierbayes.inference.curvature import (
     build_curvature,
     output_jacobian,
 )
-from hierbayes.inference.posterior import TaskPosterior
-from hierbayes.inference.predictive import (
+from hierbayes.inference.posteriors.base import TaskPosterior
+from hierbayes.inference.posteriors.predictive import (
     CategoricalPrediction,
     GaussianPrediction,
     MixturePrediction,

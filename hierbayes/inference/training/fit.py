@@ -21,12 +21,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hierbayes.errors import HierbayesError, NumericalError, TaskDataError
-from hierbayes.inference.evaluation import TaskMetrics, evaluate_posterior
-from hierbayes.inference.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
-from hierbayes.inference.llama import llama_objective, llama_posterior
-from hierbayes.inference.objectives import MAMLObjective, MetaObjective, run_guide
-from hierbayes.inference.posterior import PointMassPosterior, TaskPosterior
-from hierbayes.inference.predictive import Prediction
+from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior
+from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
+from hierbayes.inference.posteriors.predictive import Prediction
+from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
+from hierbayes.inference.svi.llama import llama_objective, llama_posterior
+from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective, run_guide
 from hierbayes.tasks.batch import TaskBatch
 from hierbayes.tasks.source import TaskSource
 

@@ -26,9 +26,9 @@ Both use the same defaults as the libraries' own NUTS: windowed adaptation of th
 ``num_warmup`` steps, trees of depth at most ``max_tree_depth``. Chains start at
 :math:`\phi^{(0)} = \hat\theta + u`, :math:`u \sim U[-r, r]^D` (``init_radius`` :math:`r`), the
 same starts for both engines for a given ``seed``. The result is a
-:class:`~hierbayes.inference.samples.SamplePosterior` whose rank-normalised :math:`\hat R`
+:class:`~hierbayes.inference.posteriors.samples.SamplePosterior` whose rank-normalised :math:`\hat R`
 flags tasks above 1.01 (never silently used as a reference: see
-:func:`hierbayes.inference.compare.compare_approximations`).
+:func:`hierbayes.inference.evaluation.compare.compare_approximations`).
 
 References
 ----------
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hierbayes.inference.samples import SamplePosterior, resolve_density
+from hierbayes.inference.posteriors.samples import SamplePosterior, resolve_density
 from hierbayes.models.contract import TaskDensity
 from hierbayes.models.jax_density import (
     JAX_INSTALL_HINT,
@@ -137,7 +137,7 @@ def nuts_pyro(
 
     Returns
     -------
-    :class:`~hierbayes.inference.samples.SamplePosterior` with draws ``(C, S, T, D)``, the
+    :class:`~hierbayes.inference.posteriors.samples.SamplePosterior` with draws ``(C, S, T, D)``, the
     divergences in ``sampler_stats["diverging"]`` and the total wall time.
     """
     from pyro.infer import MCMC, NUTS
@@ -271,7 +271,7 @@ def nuts_numpyro(
 
     Returns
     -------
-    :class:`~hierbayes.inference.samples.SamplePosterior` with draws ``(C, S, T, D)`` as torch
+    :class:`~hierbayes.inference.posteriors.samples.SamplePosterior` with draws ``(C, S, T, D)`` as torch
     tensors of the support data's dtype; ``sampler_stats`` holds ``diverging`` and
     ``num_steps`` (leapfrog steps per draw); ``settings["compile_seconds"]`` the time spent
     compiling (included in ``wall_time``) and ``settings["leapfrog_steps"]`` the gradient

@@ -53,9 +53,9 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_value
 from torch import Tensor
 
-from hierbayes.inference.posterior import TaskPosterior
-from hierbayes.inference.predictive import Prediction
-from hierbayes.inference.samples import (
+from hierbayes.inference.posteriors.base import TaskPosterior
+from hierbayes.inference.posteriors.predictive import Prediction
+from hierbayes.inference.posteriors.samples import (
     linearized_prediction,
     predict_from_draws,
     resolve_density,

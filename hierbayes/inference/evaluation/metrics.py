@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hierbayes.inference.posterior import TaskPosterior
-from hierbayes.inference.predictive import CategoricalPrediction
+from hierbayes.inference.posteriors.base import TaskPosterior
+from hierbayes.inference.posteriors.predictive import CategoricalPrediction
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["TaskMetrics", "evaluate_posterior", "mean_ci95"]

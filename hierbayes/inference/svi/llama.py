@@ -14,7 +14,7 @@ ML-LAPLACE) with a curvature of the query set:
 
 ``"evidence"`` (:class:`LaplaceEvidenceObjective`), the full Laplace evidence of MATH.md §4 of
 each task's data (support and query by default), with a one-Newton-step correction that makes
-it exact for the linear-Gaussian model (:func:`~hierbayes.inference.laplace.laplace_log_evidence`):
+it exact for the linear-Gaussian model (:func:`~hierbayes.inference.posteriors.laplace.laplace_log_evidence`):
 
 .. math::
 
@@ -58,16 +58,16 @@ from hierbayes.inference.curvature import (
     row_constant,
     safe_cholesky,
 )
-from hierbayes.inference.laplace import (
+from hierbayes.inference.posteriors.base import TaskPosterior
+from hierbayes.inference.posteriors.laplace import (
     laplace_log_evidence,
     laplace_posterior,
     linearized_predictive,
     prior_precision,
     select_data,
 )
-from hierbayes.inference.objectives import MetaObjective, as_task_batch, run_guide
-from hierbayes.inference.posterior import TaskPosterior
-from hierbayes.inference.predictive import GaussianPrediction
+from hierbayes.inference.posteriors.predictive import GaussianPrediction
+from hierbayes.inference.svi.objectives import MetaObjective, as_task_batch, run_guide
 from hierbayes.models.contract import TaskDensity
 from hierbayes.tasks.batch import TaskBatch
 

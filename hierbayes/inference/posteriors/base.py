@@ -2,7 +2,7 @@ r"""Task posteriors :math:`q(\phi_j \mid \mathcal D^s_j, \theta)` returned by ``
 
 MAML's guide gives a point mass :math:`\delta(\phi_j - \hat\phi_j)`
 (:class:`PointMassPosterior`); the Laplace methods give :math:`\mathcal N(\hat\phi_j,
-\hat H_j^{-1})` (:class:`hierbayes.inference.laplace.LaplacePosterior`).
+\hat H_j^{-1})` (:class:`hierbayes.inference.posteriors.laplace.LaplacePosterior`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hierbayes.inference.predictive import Prediction, prediction_from_distribution
+from hierbayes.inference.posteriors.predictive import Prediction, prediction_from_distribution
 from hierbayes.models.contract import TaskDensity
 
 __all__ = ["PointMassPosterior", "TaskPosterior"]

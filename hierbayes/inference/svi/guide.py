@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.distributions import transform_to
 
 from hierbayes.errors import TaskDataError
-from hierbayes.inference.inner_loop import gradient_steps
+from hierbayes.inference.core.inner_loop import gradient_steps
 from hierbayes.models.contract import ModelStructure, TaskDensity, model_structure, task_density
 from hierbayes.tasks.batch import TaskBatch
 

@@ -11,7 +11,7 @@ sets and against a reference posterior (by default NumPyro's NUTS):
 * **ELPD** (``az.compare``): :math:`\sum_{j,m}\log\frac1S\sum_s p(y^q_{jm}\mid\phi^{(s)}_j)` from
   ``S`` draws of :math:`\phi`, with its standard error, the difference to the best and its
   paired standard error, and stacking weights (see
-  :mod:`hierbayes.inference.arviz_bridge`);
+  :mod:`hierbayes.inference.evaluation.arviz_bridge`);
 * **coverage** of the central 50% and 90% predictive intervals (regression);
 * **distance to the reference**, per task, between Gaussian fits
   :math:`\mathcal N(\mu_1,\Sigma_1)` (approximation) and :math:`\mathcal N(\mu_2,\Sigma_2)`
@@ -63,9 +63,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hierbayes.inference.evaluation import evaluate_posterior
-from hierbayes.inference.posterior import PointMassPosterior, TaskPosterior
-from hierbayes.inference.samples import SamplePosterior
+from hierbayes.inference.evaluation.metrics import evaluate_posterior
+from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
+from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = [
@@ -145,7 +145,7 @@ def gaussian_fit(
     r"""Mean ``(T, D)`` and covariance ``(T, D, D)`` of a Gaussian fit to ``posterior``.
 
     A point mass gives ``None`` for the covariance (zero); a posterior with ``covariance()``
-    its own moments; :class:`~hierbayes.inference.samples.SamplePosterior` the sample moments
+    its own moments; :class:`~hierbayes.inference.posteriors.samples.SamplePosterior` the sample moments
     of all its draws; anything else the sample moments of ``draws`` ``(..., T, D)``.
     """
     if isinstance(posterior, PointMassPosterior):
@@ -272,7 +272,7 @@ class ComparisonResult:
     ) -> dict[str, dict[str, str]]:
         """Save ``az.plot_forest`` (all approximations, one task) and one ``az.plot_posterior``
         per approximation as PNG files in ``folder``; return and remember their paths."""
-        from hierbayes.inference.arviz_bridge import plot_forest, plot_posterior
+        from hierbayes.inference.evaluation.arviz_bridge import plot_forest, plot_posterior
 
         out = Path(folder)
         forest = plot_forest(
@@ -396,7 +396,7 @@ def compare_approximations(
     ReferenceNotConvergedWarning
         When the reference is an MCMC posterior with flagged tasks.
     """
-    from hierbayes.inference.arviz_bridge import (
+    from hierbayes.inference.evaluation.arviz_bridge import (
         compare_elpd,
         heldout_pointwise,
         to_inference_data,

@@ -3,7 +3,7 @@ r"""Task posteriors held as draws (MCMC) or as Gaussian moments, and what they s
 * :class:`SamplePosterior`: draws :math:`\phi^{(c,s)}_j` of ``C`` Markov chains, ``(C, S, T, D)``,
   with their convergence diagnostics (rank-normalised split :math:`\hat R`, bulk and tail
   effective sample sizes; Vehtari et al. 2021) and the wall time of the run. NUTS returns one
-  (:mod:`hierbayes.inference.nuts`). A task whose largest :math:`\hat R` exceeds
+  (:mod:`hierbayes.inference.reference.nuts`). A task whose largest :math:`\hat R` exceeds
   ``rhat_threshold`` (1.01) is listed in :attr:`SamplePosterior.flagged`.
 * :class:`GaussianPosterior`: :math:`\mathcal N(\mu_j, \Sigma_j)` per task, e.g. the closed-form
   posterior of the linear-Gaussian model, with sampled or linearised predictions.
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hierbayes.inference.posterior import TaskPosterior
-from hierbayes.inference.predictive import (
+from hierbayes.inference.posteriors.base import TaskPosterior
+from hierbayes.inference.posteriors.predictive import (
     CategoricalPrediction,
     GaussianPrediction,
     MixturePrediction,
@@ -110,7 +110,7 @@ def predict_from_draws(
     raise NotImplementedError(f"mixtures of {type(prediction).__name__} are not implemented")
 
 
-#: Kept as a name: :class:`~hierbayes.inference.predictive.MixturePrediction` takes one noise
+#: Kept as a name: :class:`~hierbayes.inference.posteriors.predictive.MixturePrediction` takes one noise
 #: variance per draw itself.
 PerDrawNoiseMixture = MixturePrediction
 
@@ -217,7 +217,7 @@ class SamplePosterior(TaskPosterior):
     def diagnostics(self) -> dict[str, Tensor]:
         r"""``{"rhat", "ess_bulk", "ess_tail"}``, each ``(T, D)`` (computed once, by ArviZ)."""
         if self._diagnostics is None:
-            from hierbayes.inference.arviz_bridge import convergence_diagnostics
+            from hierbayes.inference.evaluation.arviz_bridge import convergence_diagnostics
 
             found = convergence_diagnostics(self.draws.cpu().numpy())
             self._diagnostics = {k: torch.tensor(np.array(v)) for k, v in found.items()}
@@ -432,7 +432,7 @@ def posterior_draws(
     * :class:`SamplePosterior`: its own chains, each thinned to ``num_draws`` evenly spaced
       draws (``num_chains`` is ignored: the chains are the sampler's).
     * A Gaussian posterior, one with ``transform_noise(z)`` (:class:`GaussianPosterior`,
-      :class:`~hierbayes.inference.meanfield.MeanFieldPosterior`) or a ``covariance()`` method
+      :class:`~hierbayes.inference.reference.meanfield.MeanFieldPosterior`) or a ``covariance()`` method
       (Laplace): :math:`\mu_j + L_j z` with :math:`z` standard normal from a generator seeded
       with ``seed`` (:math:`L_j` the Cholesky factor of the covariance). Every Gaussian
       posterior of the same size thus uses the *same* :math:`z` (common random numbers), so
