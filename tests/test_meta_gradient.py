@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from hierbayes.inference import MAMLObjective, TruncatedGradientGuide
 from hierbayes.models import GaussianLikelihood, TaskModel
-from hierbayes.models.contract import PyroTaskDensity
+from hierbayes.models.density import PyroTaskDensity
 from tests.helpers import regression_batch, tiny_mlp
 
 TOL = dict(atol=1e-8, rtol=1e-8)

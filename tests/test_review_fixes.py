@@ -77,7 +77,7 @@ def test_llama_on_a_plain_program_trains_and_predicts_by_sampling() -> None:
     assert bool(torch.isfinite(metrics.nll).all())
     with pytest.raises(ModelContractError, match="method='sampled'"):
         result.adapt(batch).predict(batch.query_x, method="linearized")
-    with pytest.raises(ModelContractError, match="needs a hierbayes TaskModel"):
+    with pytest.raises(ModelContractError, match="needs a hierbayes network model"):
         fit(
             plain_model,
             source,

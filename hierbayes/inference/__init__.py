@@ -1,6 +1,7 @@
 """Inference: the truncated-gradient guide, meta-objectives, ``fit`` and task posteriors."""
 
 from hierbayes.inference.core.inner_loop import gradient_steps
+from hierbayes.inference.core.laplace import laplace_log_evidence, linearized_predictive
 from hierbayes.inference.evaluation.compare import (
     ComparisonResult,
     ReferenceNotConvergedWarning,
@@ -9,12 +10,7 @@ from hierbayes.inference.evaluation.compare import (
 )
 from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior, mean_ci95
 from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
-from hierbayes.inference.posteriors.laplace import (
-    LaplacePosterior,
-    laplace_log_evidence,
-    laplace_posterior,
-    linearized_predictive,
-)
+from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
 from hierbayes.inference.posteriors.predictive import (
     CategoricalPrediction,
     GaussianPrediction,
@@ -32,14 +28,9 @@ from hierbayes.inference.svi.llama import (
     llama_objective,
 )
 from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
-from hierbayes.inference.training.fit import (
-    FitResult,
-    MetaTrainingDiverged,
-    Method,
-    fit,
-    methods,
-    register_method,
-)
+from hierbayes.inference.training.fit import fit
+from hierbayes.inference.training.methods import Method, methods, register_method
+from hierbayes.inference.training.result import FitResult, MetaTrainingDiverged
 
 __all__ = [
     "CategoricalPrediction",

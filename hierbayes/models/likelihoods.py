@@ -34,6 +34,8 @@ class Likelihood(ABC):
 
     #: Whether targets are class labels (integer, one per point) or real vectors.
     is_classification: bool = False
+    #: Whether :meth:`noise_variance` gives the Gaussian observation-noise variance.
+    noise_variance_known: bool = False
     #: Number of per-task parameters appended to each task's :math:`\phi_j`.
     num_task_params: int = 0
     #: Prior scale of those parameters around their mean in :math:`\theta`.
@@ -95,6 +97,10 @@ class Likelihood(ABC):
     def output_factor(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         r"""A factor :math:`L_n` with :math:`\Lambda_n = L_n L_n^\top`, shape ``(T, N, C, K)``."""
 
+    def noise_variance(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        r"""Observation-noise variance shaped like ``f`` (where ``noise_variance_known``)."""
+        raise NotImplementedError(f"{self!r} has no Gaussian observation noise")
+
 
 class GaussianLikelihood(Likelihood):
     r""":math:`y_n \sim \mathcal N(f_n, \sigma^2 I)`.
@@ -115,6 +121,8 @@ class GaussianLikelihood(Likelihood):
     per_task_prior_scale:
         :math:`s_\sigma`.
     """
+
+    noise_variance_known = True
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 
 from hierbayes.errors import TaskDataError
-from hierbayes.models.contract import ModelStructure
+from hierbayes.models.structure import ModelStructure
 from hierbayes.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
 from hierbayes.models.network import BatchedNetwork, LayerRecord
 
@@ -212,7 +212,7 @@ class TaskModel(PyroModule):
         return jax_log_density(self)
 
     def task_density(self, structure: ModelStructure) -> TaskModelDensity:
-        """The native :class:`~hierbayes.models.contract.TaskDensity` of this model."""
+        """The native :class:`~hierbayes.models.structure.TaskDensity` of this model."""
         return TaskModelDensity(self, structure)
 
 
@@ -231,12 +231,7 @@ class TaskModelDensity:
         self.structure = structure
         self.likelihood = model.likelihood
         self.network = model.net
-        self._has_batch_norm = any(
-            step.kind == "batchnorm" for step in (model.net._plan or [])
-        ) or any(
-            isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
-            for m in model.net.module.modules()
-        )
+        self.has_batch_norm = model.net.has_batch_norm
 
     def outputs(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
         r""":math:`f(x_{jn}; \phi_j)`, ``(T, N, *output_shape)``."""
@@ -253,11 +248,7 @@ class TaskModelDensity:
 
     def noise_variance(self, params: Mapping[str, Tensor], phi: Tensor, f: Tensor) -> Tensor:
         r"""Observation-noise variance :math:`\sigma^2` (Gaussian likelihoods), shaped like ``f``."""
-        variance = getattr(self.likelihood, "noise_variance", None)
-        if variance is None:
-            raise NotImplementedError(f"{self.likelihood!r} has no noise variance")
-        result: Tensor = variance(f, self.model.split(params, phi)[1])
-        return result
+        return self.likelihood.noise_variance(f, self.model.split(params, phi)[1])
 
     def diagonal_curvature(
         self,
@@ -286,7 +277,7 @@ class TaskModelDensity:
         y: Tensor,
         mask: Tensor | None = None,
     ) -> Tensor:
-        self._check_mask(mask)
+        self.check_mask(mask)
         net, task_params = self.model.split(params, phi)
         return self.likelihood.log_prob_sum(self.network(net, x), y, task_params, mask)
 
@@ -301,8 +292,8 @@ class TaskModelDensity:
         r""":math:`\log p(y_j\mid\phi_j)` from already computed outputs ``f`` at ``phi``."""
         return self.likelihood.log_prob_sum(f, y, self.model.split(params, phi)[1], mask)
 
-    def _check_mask(self, mask: Tensor | None) -> None:
-        if mask is None or self._has_batch_norm is False or bool(mask.all()):
+    def check_mask(self, mask: Tensor | None) -> None:
+        if mask is None or not self.has_batch_norm or bool(mask.all()):
             return
         raise TaskDataError(
             "this network normalises each task's batch of points (batch norm), so padded points "

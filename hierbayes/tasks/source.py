@@ -1,4 +1,4 @@
-"""The task-source protocol that :func:`hierbayes.inference.training.fit` draws meta-batches from."""
+"""The task-source protocol that :func:`hierbayes.inference.fit` draws meta-batches from."""
 
 from __future__ import annotations
 

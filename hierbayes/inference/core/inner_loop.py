@@ -19,12 +19,14 @@ call per step serves the whole plate.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["gradient_steps"]
+from hierbayes.models.density import TaskDensity
+
+__all__ = ["adapt_tasks", "gradient_steps"]
 
 
 def gradient_steps(
@@ -77,3 +79,39 @@ def gradient_steps(
                 grad = grad.detach()
             phi = phi + step_size * grad
     return phi if outer_grad else phi.detach()
+
+
+def adapt_tasks(
+    density: TaskDensity,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor | None = None,
+    *,
+    steps: int,
+    step_size: Tensor | float,
+    first_order: bool = False,
+    joint: bool = False,
+) -> Tensor:
+    r""":math:`\hat\phi` ``(T, D)``: ``steps`` gradient steps from the prior mean on each task's
+    support data ``x`` ``(T, N, ...)``, ``y``, ``mask`` ``(T, N)``.
+
+    The step is on :math:`\log p(y^s_j\mid\phi, x^s_j)` (MAML), or on the log joint
+    :math:`\log p(y^s_j\mid\phi) + \log p(\phi\mid\theta)` when ``joint``; it starts at
+    :math:`\mathbb E[\phi\mid\theta]` (``density.prior_mean``). A pure function of ``params``
+    and ``step_size``: nothing is mutated, and the result is differentiable in both.
+    """
+
+    def log_density(phi: Tensor) -> Tensor:
+        value = density.log_likelihood(params, phi, x, y, mask)
+        if joint:
+            value = value + density.log_prior(params, phi, x)
+        return value
+
+    return gradient_steps(
+        log_density,
+        density.prior_mean(params, x),
+        steps=steps,
+        step_size=step_size,
+        first_order=first_order,
+    )

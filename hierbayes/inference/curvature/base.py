@@ -25,12 +25,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from hierbayes.errors import NumericalError
-from hierbayes.models.contract import TaskDensity
+from hierbayes.models.density import NetworkDensity, TaskDensity
 
 __all__ = [
     "CurvatureEstimate",
@@ -69,10 +70,10 @@ class CurvatureInputs:
     mask: Tensor | None
     prior_precision: Tensor
     create_graph: bool = True
-    #: Output Jacobians already computed for these inputs (see ``output_jacobian``).
-    cache: dict[tuple[int, bool, str, int], tuple[object, Tensor]] = field(
-        default_factory=dict, repr=False
-    )
+    #: The whitened output Jacobian of ``x`` at ``phi`` and the outputs ``(T, N, C)``, when the
+    #: caller has computed them already (the paper loss's query forward pass serves its
+    #: likelihood and its curvature); ``output_jacobian`` returns them instead of recomputing.
+    precomputed: tuple[Any, Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_tasks(self) -> int:
@@ -91,10 +92,9 @@ class CurvatureInputs:
         likelihood's per-task parameters: their Fisher information), ``(T, D)``. The
         Jacobian-based backends add their network curvature to this."""
         P = self.prior_precision_matrix()
-        extra = getattr(self.density, "diagonal_curvature", None)
-        if extra is None:
+        if not isinstance(self.density, NetworkDensity):
             return P
-        diagonal = extra(self.params, self.phi, self.x, self.y, self.mask)
+        diagonal = self.density.diagonal_curvature(self.params, self.phi, self.x, self.y, self.mask)
         return P if diagonal is None else P + diagonal
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import pyro
 import pyro.distributions as dist
@@ -39,13 +39,12 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
-from pyro.poutine.runtime import am_i_wrapped
 from torch import Tensor
-from torch.distributions import transform_to
 
 from hierbayes.errors import TaskDataError
-from hierbayes.inference.core.inner_loop import gradient_steps
-from hierbayes.models.contract import ModelStructure, TaskDensity, model_structure, task_density
+from hierbayes.inference.core.inner_loop import adapt_tasks
+from hierbayes.models.density import TaskDensity, task_density
+from hierbayes.models.structure import ModelStructure, model_structure
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["TruncatedGradientGuide"]
@@ -54,6 +53,13 @@ _INSTANCES = itertools.count()
 
 StepSizeMode = Literal["fixed", "scalar", "per_parameter"]
 InnerObjective = Literal["likelihood", "joint"]
+
+
+@runtime_checkable
+class InitialValuesModel(Protocol):
+    """A model that says where the guide should start its global latents."""
+
+    def initial_values(self) -> Mapping[str, Tensor]: ...
 
 
 def _deep_getattr(obj: Any, dotted: str) -> Tensor:
@@ -75,7 +81,7 @@ class TruncatedGradientGuide(PyroModule):
     Parameters
     ----------
     model:
-        A hierbayes model (see :mod:`hierbayes.models.contract`).
+        A hierbayes model (see :mod:`hierbayes.models.structure`).
     example:
         A :class:`~hierbayes.tasks.TaskBatch` or ``(x, y)`` of support data: the guide traces
         the model on it once, here, to find its sites and create every parameter eagerly.
@@ -128,28 +134,22 @@ class TruncatedGradientGuide(PyroModule):
         x, y = (example.support_x, example.support_y) if isinstance(example, TaskBatch) else example
         self._model = (model,)  # a tuple, so the model is not registered as a submodule
         self.structure: ModelStructure = model_structure(model, x, y)
+        #: The model's per-task densities (native where the model declares one).
         self.density: TaskDensity = task_density(model, self.structure, x)
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.inner_objective: InnerObjective = inner_objective
         self.learn_step_size: StepSizeMode = learn_step_size
 
-        model_init = getattr(model, "initial_values", None)
-        defaults: dict[str, Tensor] = dict(model_init()) if callable(model_init) else {}
+        defaults: dict[str, Tensor] = (
+            dict(model.initial_values()) if isinstance(model, InitialValuesModel) else {}
+        )
         defaults.update(init_values or {})
         self.locs = PyroModule(name="locs")
         for site in self.structure.global_sites:
             value = defaults.get(site.name, site.prior_mean)
             value = torch.as_tensor(value).to(site.prior_mean).expand(site.shape).clone()
             deep_setattr(self.locs, site.name, PyroParam(value, site.support, site.event_dim))
-
-        self._global_readers = []
-        for site in self.structure.global_sites:
-            *path, leaf = site.name.split(".")
-            owner = self.locs
-            for part in path:
-                owner = getattr(owner, part)
-            self._global_readers.append((site.name, owner, leaf, transform_to(site.support)))
 
         D = self.structure.num_params
         ref = x if torch.is_floating_point(x) else torch.zeros((), dtype=torch.get_default_dtype())
@@ -181,19 +181,14 @@ class TruncatedGradientGuide(PyroModule):
     def global_values(self) -> dict[str, Tensor]:
         """The current point estimates of the global latents, ``{site: value}``.
 
-        Inside a Pyro handler each value is read through ``PyroModule`` (a ``pyro.param``
-        statement the handler sees); otherwise straight from the module's unconstrained
-        parameter, through the constraint's transform, which is cheaper and equal.
+        Read through ``PyroModule``: inside the guide's own call (and so under any handler
+        around it) each read is a ``pyro.param`` statement that ``SVI``'s parameter capture and
+        a user's ``poutine.trace`` see; outside it, the constrained value of the same leaf
+        tensor, without Pyro's bookkeeping.
         """
-        if am_i_wrapped():
-            return {
-                site.name: _deep_getattr(self.locs, site.name)
-                for site in self.structure.global_sites
-            }
-        values = {}
-        for name, owner, leaf, transform in self._global_readers:
-            values[name] = transform(owner._parameters[leaf + "_unconstrained"])
-        return values
+        return {
+            site.name: _deep_getattr(self.locs, site.name) for site in self.structure.global_sites
+        }
 
     # -- the inner loop --------------------------------------------------------------------------
 
@@ -203,24 +198,29 @@ class TruncatedGradientGuide(PyroModule):
         x: Tensor,
         y: Tensor,
         mask: Tensor | None = None,
+        *,
+        inner_steps: int | None = None,
+        step_size: Tensor | float | None = None,
     ) -> Tensor:
-        r""":math:`\hat\phi`, ``(T, D)``, for support data ``x`` ``(T, N, ...)``, ``y``, ``mask``."""
-        density = self.density
-        joint = self.inner_objective == "joint"
+        r""":math:`\hat\phi`, ``(T, D)``, for support data ``x`` ``(T, N, ...)``, ``y``, ``mask``.
 
-        def log_density(phi: Tensor) -> Tensor:
-            value = density.log_likelihood(params, phi, x, y, mask)
-            if joint:
-                value = value + density.log_prior(params, phi, x)
-            return value
-
-        phi0 = density.prior_mean(params, x)
-        return gradient_steps(
-            log_density,
-            phi0,
-            steps=self.inner_steps,
-            step_size=self.step_size,
+        ``inner_steps`` and ``step_size`` override the guide's own settings for this call only
+        (nothing is mutated, so concurrent or nested calls are safe).
+        """
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        if steps < 0:
+            raise ValueError(f"inner_steps must be >= 0; got {steps}")
+        alpha = self.step_size if step_size is None else step_size
+        return adapt_tasks(
+            self.density,
+            params,
+            x,
+            y,
+            mask,
+            steps=steps,
+            step_size=alpha,
             first_order=self.first_order,
+            joint=self.inner_objective == "joint",
         )
 
     def forward(

@@ -42,33 +42,24 @@ predictive objectives learn it properly, because their prior terms pull the othe
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, cast
+from collections.abc import Mapping
+from typing import Any
 
-import torch
 from torch import Tensor
 
-from hierbayes.errors import ModelContractError
-from hierbayes.inference.curvature import (
-    CurvatureBuilder,
-    CurvatureInputs,
-    build_curvature,
-    get_curvature,
-    output_jacobian,
-    row_constant,
-    safe_cholesky,
+from hierbayes.inference.core.laplace import prior_precision
+from hierbayes.inference.core.losses import (
+    CurvatureData,
+    evidence_losses,
+    penalty_losses,
+    predictive_losses,
 )
+from hierbayes.inference.curvature import CurvatureBuilder, get_curvature
 from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.posteriors.laplace import (
-    laplace_log_evidence,
-    laplace_posterior,
-    linearized_predictive,
-    prior_precision,
-    select_data,
-)
-from hierbayes.inference.posteriors.predictive import GaussianPrediction
-from hierbayes.inference.svi.objectives import MetaObjective, as_task_batch, run_guide
-from hierbayes.models.contract import TaskDensity
+from hierbayes.inference.posteriors.laplace import laplace_posterior
+from hierbayes.inference.svi.guide import TruncatedGradientGuide
+from hierbayes.inference.svi.objectives import MetaObjective
+from hierbayes.models.density import Capabilities, TaskDensity, capabilities
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = [
@@ -81,7 +72,8 @@ __all__ = [
     "llama_posterior",
 ]
 
-CurvatureData = Literal["support", "query", "both"]
+#: Curvature backends that read a network's output Jacobian (the NetworkDensity protocol).
+_NETWORK_CURVATURES = ("ggn", "diag", "kfac")
 
 
 class LaplaceObjective(MetaObjective):
@@ -120,19 +112,37 @@ class LaplaceObjective(MetaObjective):
             raise ValueError(
                 f"curvature_data must be 'support', 'query' or 'both'; got {curvature_data!r}"
             )
+        if damping is not None and not damping > 0:
+            raise ValueError(f"damping must be positive; got {damping}")
+        if jacobian not in ("auto", "layers", "autograd"):
+            raise ValueError(f"jacobian must be 'auto', 'layers' or 'autograd'; got {jacobian!r}")
         self.damping = damping
         self.jacobian = jacobian
+        self.capabilities: Capabilities | None = None
 
-    def _setup(
-        self, model: Callable[..., Any], guide: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[TaskBatch, TaskDensity, dict[str, Tensor], Tensor]:
-        self.check_pair(model, guide)
-        batch = as_task_batch(*args, **kwargs)
-        batch.require_query(f"the {self.name} objective")
-        values = run_guide(guide, guide.structure, batch)
-        return batch, guide.density, values.params, values.phi
+    def check(self, density: TaskDensity) -> None:
+        caps = capabilities(density)
+        if self.curvature in _NETWORK_CURVATURES:
+            caps.require(
+                "network",
+                f"curvature={self.curvature!r}",
+                "use curvature='full' for another Pyro program",
+            )
+        if self.damping is None:
+            caps.require(
+                "diagonal_prior",
+                f"the {self.name} objective's prior curvature",
+                "pass damping=τ to use τI instead",
+            )
+        self.capabilities = caps
 
-    def _precision(self, density: TaskDensity, params: dict[str, Tensor], T: int) -> Tensor:
+    def _caps(self) -> Capabilities:
+        if self.capabilities is None:  # pragma: no cover - bind() always runs first
+            raise RuntimeError("the objective was not bound to a density")
+        return self.capabilities
+
+    def precision(self, density: TaskDensity, params: Mapping[str, Tensor], T: int) -> Tensor:
+        """The diagonal prior precision ``(T, D)`` the curvature adds."""
         return prior_precision(density, params, T, damping=self.damping)
 
 
@@ -149,12 +159,10 @@ class LaplacePenaltyObjective(LaplaceObjective):
         self.eta = eta
         self._warned = False
 
-    def differentiable_loss(
-        self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any
+    def task_losses(
+        self, density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, batch: TaskBatch
     ) -> Tensor:
-        batch, density, params, phi = self._setup(model, guide, args, kwargs)
-        xq, yq, mq = batch.require_query("the paper's LLAMA objective")
-        P = self._precision(density, params, phi.shape[0])
+        P = self.precision(density, params, phi.shape[0])
         if P.requires_grad:
             if not self._warned:
                 warnings.warn(
@@ -167,29 +175,18 @@ class LaplacePenaltyObjective(LaplaceObjective):
                 )
                 self._warned = True
             P = P.detach()
-        x, y, mask = select_data(
-            (batch.support_x, batch.support_y, batch.support_mask),
-            (xq, yq, mq),
-            self.curvature_data,
+        return penalty_losses(
+            density,
+            params,
+            phi,
+            batch,
+            precision=P,
+            eta=self.eta,
+            curvature=self.curvature,
+            curvature_data=self.curvature_data,
+            jacobian=self.jacobian,
+            capabilities=self._caps(),
         )
-        inputs = CurvatureInputs(density, params, phi, x, y, mask, P, create_graph=True)
-        likelihood = getattr(density, "likelihood", None)
-        shared = (
-            self.curvature_data == "query"
-            and self.eta > 0
-            and likelihood is not None
-            and getattr(density, "network", None) is not None
-        )
-        if shared and likelihood is not None:
-            # one recorded forward pass of the query set serves the likelihood and the curvature
-            _, f = output_jacobian(inputs, method=self.jacobian)
-            nll = -cast(Any, density).log_likelihood_of_outputs(params, phi, f, yq, mq)
-        else:
-            nll = -density.log_likelihood(params, phi, xq, yq, mq)
-        loss = nll.mean()
-        if self.eta > 0:
-            loss = loss + self.eta * build_curvature(self.curvature, inputs).logdet().mean()
-        return loss + self.hyperprior_term(density, params, xq)
 
 
 class LaplaceEvidenceObjective(LaplaceObjective):
@@ -204,27 +201,19 @@ class LaplaceEvidenceObjective(LaplaceObjective):
         super().__init__(num_tasks, **options)
         self.newton_correction = newton_correction
 
-    def differentiable_loss(
-        self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any
+    def task_losses(
+        self, density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, batch: TaskBatch
     ) -> Tensor:
-        batch, density, params, phi = self._setup(model, guide, args, kwargs)
-        query = batch.require_query("the Laplace evidence objective")
-        x, y, mask = select_data(
-            (batch.support_x, batch.support_y, batch.support_mask), query, self.curvature_data
-        )
-        evidence = laplace_log_evidence(
+        return evidence_losses(
             density,
             params,
             phi,
-            x,
-            y,
-            mask,
+            batch,
+            precision=self.precision(density, params, phi.shape[0]),
             curvature=self.curvature,
-            precision=self._precision(density, params, phi.shape[0]),
+            curvature_data=self.curvature_data,
             newton_correction=self.newton_correction,
-            create_graph=True,
         )
-        return -evidence.mean() + self.hyperprior_term(density, params, x)
 
 
 class LinearizedPredictiveObjective(LaplaceObjective):
@@ -241,112 +230,33 @@ class LinearizedPredictiveObjective(LaplaceObjective):
                 "must be of the support set (curvature_data='support')"
             )
 
-    def differentiable_loss(
-        self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any
+    def check(self, density: TaskDensity) -> None:
+        super().check(density)
+        caps = self._caps()
+        caps.require(
+            "network",
+            "the linearised predictive objective",
+            "for another Pyro program use objective='evidence' or 'paper' with curvature='full'",
+        )
+        caps.require(
+            "gaussian",
+            "the linearised predictive objective",
+            "use objective='evidence' or 'paper' for classification",
+        )
+
+    def task_losses(
+        self, density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, batch: TaskBatch
     ) -> Tensor:
-        batch, density, params, phi = self._setup(model, guide, args, kwargs)
-        xq, yq, mq = batch.require_query("the linearised predictive objective")
-        likelihood = getattr(density, "likelihood", None)
-        if likelihood is None:
-            raise ModelContractError(
-                "the linearised predictive objective needs a hierbayes TaskModel (a network whose "
-                "Jacobian it takes, and a known likelihood); for another Pyro program use "
-                "objective='evidence' or 'paper' with curvature='full'"
-            )
-        if getattr(likelihood, "is_classification", False):
-            raise ModelContractError(
-                "the linearised predictive objective is defined for Gaussian likelihoods; use "
-                "objective='evidence' or 'paper' for classification"
-            )
-        inputs = CurvatureInputs(
+        return predictive_losses(
             density,
             params,
             phi,
-            batch.support_x,
-            batch.support_y,
-            batch.support_mask,
-            self._precision(density, params, phi.shape[0]),
-            create_graph=True,
+            batch,
+            precision=self.precision(density, params, phi.shape[0]),
+            curvature=self.curvature,
+            jacobian=self.jacobian,
+            capabilities=self._caps(),
         )
-        if self.curvature == "ggn" and _joint_gram_applies(density, self.jacobian):
-            prediction = _joint_gram_predictive(inputs, xq)
-        else:
-            estimate = build_curvature(self.curvature, inputs)
-            prediction = linearized_predictive(estimate, inputs, xq, jacobian=self.jacobian)
-        log_pred = prediction.log_prob(yq)
-        if mq is not None:
-            log_pred = torch.where(
-                mq, log_pred, torch.zeros((), dtype=log_pred.dtype, device=log_pred.device)
-            )
-        return -log_pred.sum(-1).mean() + self.hyperprior_term(density, params, xq)
-
-
-def _joint_gram_applies(density: TaskDensity, jacobian: str) -> bool:
-    """Whether the one-pass GGN predictive applies: a Gaussian likelihood (isotropic noise, so
-    whitening is a per-task scale) and a network with layer records."""
-    likelihood = getattr(density, "likelihood", None)
-    network = getattr(density, "network", None)
-    return (
-        jacobian != "autograd"
-        and network is not None
-        and network.has_fast_path
-        and callable(getattr(likelihood, "noise_variance", None))
-        and not any(step.kind == "batchnorm" for step in (network._plan or []))
-    )
-
-
-def _joint_gram_predictive(inputs: CurvatureInputs, xq: Tensor) -> GaussianPrediction:
-    r"""The linearised GGN predictive with one recorded pass over support and query together.
-
-    With :math:`G = J P^{-1} J^\top` over the stacked support (``s``) and query (``q``) rows
-    of the unwhitened Jacobian at :math:`\hat\phi` and the Gaussian whitening
-    :math:`\tilde J_s = J_s/\sigma`,
-
-    .. math::
-
-        \operatorname{diag}(J_q\hat H^{-1}J_q^\top) = \operatorname{diag} G_{qq}
-        - \lVert L^{-1} G_{sq}/\sigma\rVert^2_{\text{col}},\qquad LL^\top = I + G_{ss}/\sigma^2,
-
-    the same numbers as :class:`~hierbayes.inference.curvature.GGNCurvature`'s
-    ``predictive_variance``, from one forward pass, one back-propagation and one Gram matrix
-    per layer instead of two, three and five.
-    """
-    xs, ms = inputs.x, inputs.mask
-    N = xs.shape[1]
-    joint = CurvatureInputs(
-        inputs.density,
-        inputs.params,
-        inputs.phi,
-        torch.cat([xs, xq], dim=1),
-        inputs.y,
-        None,
-        inputs.prior_precision,
-        inputs.create_graph,
-    )
-    jac, f = output_jacobian(joint, whiten=False)
-    T, points, C = f.shape
-    R = N * C
-    P = (
-        inputs.base_precision()
-    )  # support data only: the per-task noise Fisher counts support points
-    constant = row_constant(P)
-    inv = 1.0 / P if constant is None else (1.0 / constant).expand_as(P)
-    gram = jac.gram(inv)
-    noise = cast(Any, inputs.density).noise_variance(inputs.params, inputs.phi, f)  # (T, points, C)
-    sigma2 = noise[:, :1, :1].reshape(T, 1, 1)
-    K = gram[:, :R, :R] / sigma2
-    cross = gram[:, :R, R:] / sigma2.sqrt()
-    if ms is not None:  # padded support points contribute nothing
-        keep = ms.repeat_interleave(C, dim=1).to(K.dtype)
-        K = K * keep.unsqueeze(-1) * keep.unsqueeze(-2)
-        cross = cross * keep.unsqueeze(-1)
-    eye = torch.eye(R, dtype=torch.float64, device=K.device)
-    chol = safe_cholesky(eye + K.double(), "I + J P^-1 J^T")
-    half = torch.linalg.solve_triangular(chol, cross.double(), upper=False)
-    variance = gram[:, R:, R:].diagonal(dim1=-2, dim2=-1) - half.square().sum(1).to(gram.dtype)
-    fq = f[:, N:]
-    variance = variance.reshape(T, points - N, C).clamp_min(0.0)
-    return GaussianPrediction(fq, variance + noise[:, N:])
 
 
 LLAMA_OBJECTIVES: dict[str, type[LaplaceObjective]] = {
@@ -368,7 +278,7 @@ def llama_objective(
 
 
 def llama_posterior(
-    guide: Any,
+    guide: TruncatedGradientGuide,
     params: Mapping[str, Tensor],
     phi: Tensor,
     batch: TaskBatch,
@@ -376,7 +286,10 @@ def llama_posterior(
 ) -> TaskPosterior:
     """The Laplace task posterior of an adapted batch, with the objective's curvature and the
     support set's data."""
-    curvature: str | CurvatureBuilder = getattr(objective, "curvature", "ggn")
+    if isinstance(objective, LaplaceObjective):
+        curvature, damping, jacobian = objective.curvature, objective.damping, objective.jacobian
+    else:
+        curvature, damping, jacobian = "ggn", None, "auto"
     return laplace_posterior(
         guide.density,
         params,
@@ -385,6 +298,6 @@ def llama_posterior(
         batch.support_y,
         batch.support_mask,
         curvature=curvature,
-        damping=getattr(objective, "damping", None),
-        jacobian=getattr(objective, "jacobian", "auto"),
+        damping=damping,
+        jacobian=jacobian,
     )

@@ -13,9 +13,18 @@ a batch. With global latents that have hyperpriors (type-II MAP over a collectio
 which is the minibatch estimate of :math:`-\frac1J[\log p(\theta) + \sum_j \log p(y^q_j\mid
 \hat\phi_j)]`. For an endless task family (:math:`J=\infty`) the hyperprior drops out.
 
-A loss object is called with the model, the guide and a :class:`~hierbayes.tasks.TaskBatch`
-(or ``support_x, support_y, query_x, query_y``). It runs the guide on the support set under
-``poutine.trace`` and scores the model on the query set at the traced values.
+Two roads, one set of numbers (the tests check both give the same loss and gradients):
+
+* **The Pyro road**, :meth:`MetaObjective.differentiable_loss` (what ``SVI`` calls), is
+  written the way Pyro's own ``Trace_ELBO`` is: it traces the guide on the support set,
+  replays the model on the query set against that trace and scores the model's sites. Every
+  handler applies without special cases: ``poutine.scale``/``mask`` scale the sites,
+  ``poutine.condition`` conditions the model that is scored, and every ``pyro.param``
+  statement (the guide's point estimates and step sizes, a model's ``pyro.param`` sites or
+  ``PyroParam`` attributes) reaches ``SVI``'s parameter capture and so is trained.
+* **The fast road**, :meth:`MetaObjective.meta_loss` (what :func:`~hierbayes.inference.fit`
+  calls), evaluates the same pure functions (:mod:`hierbayes.inference.core`) on the guide's
+  values without Pyro's bookkeeping.
 """
 
 from __future__ import annotations
@@ -23,15 +32,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from pyro import poutine
-from pyro.poutine.runtime import am_i_wrapped
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
 from hierbayes.errors import TaskDataError
-from hierbayes.models.contract import ModelStructure, TaskDensity
+from hierbayes.inference.core.losses import hyperprior_term, query_nll
+from hierbayes.inference.svi.guide import TruncatedGradientGuide
+from hierbayes.models.density import TaskDensity
+from hierbayes.models.structure import ModelStructure, per_task_log_prob, trace_nodes
 from hierbayes.tasks.batch import TaskBatch
 
-__all__ = ["GuideValues", "MAMLObjective", "MetaObjective", "as_task_batch", "run_guide"]
+__all__ = ["MAMLObjective", "MetaObjective", "as_task_batch", "task_scale"]
 
 
 def as_task_batch(*args: Any, **kwargs: Any) -> TaskBatch:
@@ -56,42 +70,42 @@ def as_task_batch(*args: Any, **kwargs: Any) -> TaskBatch:
     return TaskBatch(**values)
 
 
-class GuideValues:
-    """What one traced run of a :class:`~hierbayes.inference.TruncatedGradientGuide` gave."""
+def task_scale(trace: Trace, structure: ModelStructure) -> Tensor | float:
+    """The weight Pyro's handlers put on each task: the scale of the per-task latent site in
+    ``trace`` (``poutine.scale``, a subsampling plate), zero where its mask
+    (``poutine.mask``) drops the task. A number, or one per task ``(T,)``."""
+    site = trace_nodes(trace)[structure.task_site]
+    weight: Tensor | float = site["scale"]
+    mask = site["mask"]
+    if isinstance(mask, bool):
+        return weight if mask else 0.0
+    if mask is None and not isinstance(weight, Tensor):
+        return float(weight)
+    batch_shape = site["value"].shape[: structure.task_batch_ndim]
+    value = torch.as_tensor(weight, dtype=site["value"].dtype, device=site["value"].device)
+    if mask is not None:
+        value = value * mask.to(value.dtype)
+    return value.expand(batch_shape).reshape(-1)
 
-    def __init__(self, params: Mapping[str, Tensor], phi: Tensor) -> None:
-        self.params = dict(params)
-        self.phi = phi
 
-
-def run_guide(guide: Any, structure: ModelStructure, batch: TaskBatch) -> GuideValues:
-    r"""Run ``guide`` on the support set; return the global values and :math:`\hat\phi` ``(T, D)``.
-
-    Inside any Pyro effect handler (``SVI``'s parameter capture, ``poutine.scale``,
-    ``poutine.block``, a user's ``poutine.trace``) the guide runs as a Pyro program under
-    ``poutine.trace``, so every handler sees its ``pyro.param`` and ``pyro.sample`` statements.
-    With no handler active (as in :func:`~hierbayes.inference.training.fit`) the same values come from
-    the guide's pure functions, ``global_values`` and ``adapt``, without Pyro's bookkeeping;
-    the tests check that both give the same loss and gradients.
-    """
-    if not am_i_wrapped() and hasattr(guide, "adapt") and hasattr(guide, "global_values"):
-        params = guide.global_values()
-        return GuideValues(
-            params, guide.adapt(params, batch.support_x, batch.support_y, batch.support_mask)
-        )
-    trace = poutine.trace(guide).get_trace(
-        batch.support_x, batch.support_y, mask=batch.support_mask
-    )
-    params = {site.name: trace.nodes[site.name]["value"] for site in structure.global_sites}
-    phi = structure.from_site(trace.nodes[structure.task_site]["value"])
-    return GuideValues(params, phi)
+def _global_log_prob(trace: Trace, structure: ModelStructure) -> Tensor | float:
+    """The log density of the model's global latent sites in ``trace``, each with the scale and
+    mask Pyro's handlers set on it."""
+    total: Tensor | float = 0.0
+    for site in structure.global_sites:
+        node = trace_nodes(trace)[site.name]
+        log_prob = node["fn"].log_prob(node["value"])
+        total = total + scale_and_mask(log_prob, node["scale"], node["mask"]).sum()
+    return total
 
 
 class MetaObjective:
     """Base class of hierbayes' meta-objectives, with Pyro's loss interface.
 
-    Subclasses implement :meth:`differentiable_loss`. Instances work with ``pyro.infer.SVI``
-    (which calls ``loss`` and ``loss_and_grads``) and directly with any torch optimiser.
+    A subclass implements :meth:`task_losses`, one loss per task from pure functions of the
+    density, the global values and :math:`\\hat\\phi`. Instances work with ``pyro.infer.SVI``
+    (which calls ``loss`` and ``loss_and_grads``), through :func:`~hierbayes.inference.fit`,
+    and directly with any torch optimiser.
 
     Parameters
     ----------
@@ -106,11 +120,81 @@ class MetaObjective:
         if num_tasks is not None and num_tasks < 1:
             raise ValueError(f"num_tasks must be a positive integer or None; got {num_tasks}")
         self.num_tasks = num_tasks
+        self._bound: TaskDensity | None = None
+
+    # -- what a subclass provides ----------------------------------------------------------------
+
+    def check(self, density: TaskDensity) -> None:
+        """Raise :class:`~hierbayes.errors.ModelContractError` if ``density`` lacks a
+        capability this objective needs (called once per density)."""
+
+    def task_losses(
+        self, density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, batch: TaskBatch
+    ) -> Tensor:
+        """One loss per task, ``(T,)``."""
+        raise NotImplementedError
+
+    # -- shared machinery --------------------------------------------------------------------------
+
+    def bind(self, density: TaskDensity) -> None:
+        """Check ``density``'s declared capabilities once (repeated calls are free)."""
+        if self._bound is not density:
+            self.check(density)
+            self._bound = density
+
+    @staticmethod
+    def _guide(guide: Any) -> TruncatedGradientGuide:
+        if not isinstance(guide, TruncatedGradientGuide):
+            raise TypeError(
+                f"{type(guide).__name__} is not a hierbayes TruncatedGradientGuide; meta-objectives "
+                "need one (hierbayes.inference.TruncatedGradientGuide(model, example_batch))"
+            )
+        return guide
+
+    def meta_loss(self, guide: TruncatedGradientGuide, batch: TaskBatch) -> Tensor:
+        """The fast road: the meta-loss from the guide's values, without Pyro's tracing."""
+        density = guide.density
+        self.bind(density)
+        params = guide.global_values()
+        phi = guide.adapt(params, batch.support_x, batch.support_y, batch.support_mask)
+        losses = self.task_losses(density, params, phi, batch)
+        return losses.mean() + hyperprior_term(density, params, batch.support_x, self.num_tasks)
+
+    def _traces(
+        self, model: Callable[..., Any], guide: TruncatedGradientGuide, batch: TaskBatch
+    ) -> tuple[Trace, Trace]:
+        """The guide's trace on the support set and the model's, replayed on the query set."""
+        xq, yq, _ = batch.require_query(f"the {self.name} objective")
+        guide_trace = poutine.trace(guide).get_trace(
+            batch.support_x, batch.support_y, mask=batch.support_mask
+        )
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(xq, yq)
+        return guide_trace, model_trace
 
     def differentiable_loss(
         self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any
     ) -> Tensor:
-        raise NotImplementedError
+        """The Pyro road: trace the guide, replay ``model`` on the query set, score it.
+
+        Each task's loss is weighted by the scale Pyro's handlers put on its per-task site
+        (so ``poutine.scale(s)`` scales the loss by ``s``), and the hyperprior by the scales
+        of the global sites.
+        """
+        guide = self._guide(guide)
+        batch = as_task_batch(*args, **kwargs)
+        guide_trace, model_trace = self._traces(model, guide, batch)
+        structure = guide.structure
+        params = {
+            site.name: trace_nodes(guide_trace)[site.name]["value"]
+            for site in structure.global_sites
+        }
+        phi = structure.from_site(trace_nodes(guide_trace)[structure.task_site]["value"])
+        self.bind(guide.density)
+        losses = self.task_losses(guide.density, params, phi, batch)
+        loss = (losses * task_scale(model_trace, structure)).mean()
+        if self.num_tasks is not None:
+            loss = loss - _global_log_prob(model_trace, structure) / self.num_tasks
+        return loss
 
     def __call__(self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any) -> Tensor:
         return self.differentiable_loss(model, guide, *args, **kwargs)
@@ -127,26 +211,6 @@ class MetaObjective:
         value.backward()
         return float(value.detach())
 
-    @staticmethod
-    def check_pair(model: Callable[..., Any], guide: Any) -> None:
-        """Raise unless ``guide`` is a truncated-gradient guide built for ``model``."""
-        built_for = getattr(guide, "model", None)
-        if built_for is None or not hasattr(guide, "density"):
-            raise TypeError(
-                f"{type(guide).__name__} is not a hierbayes TruncatedGradientGuide; meta-objectives "
-                "need one (hierbayes.inference.TruncatedGradientGuide(model, example_batch))"
-            )
-        if built_for is not model:
-            raise ValueError("the guide was built for a different model than the one passed")
-
-    def hyperprior_term(
-        self, density: TaskDensity, params: Mapping[str, Tensor], x: Tensor
-    ) -> Tensor | float:
-        r""":math:`-\frac1J \log p(\text{globals})`, or 0 for an endless family."""
-        if self.num_tasks is None or not density.structure.global_sites:
-            return 0.0
-        return -density.log_hyperprior(params, x) / self.num_tasks
-
 
 class MAMLObjective(MetaObjective):
     r"""The MAML meta-objective: query negative log likelihood at :math:`\hat\phi`.
@@ -155,20 +219,27 @@ class MAMLObjective(MetaObjective):
 
         \mathcal L = -\frac1T\sum_j \log p(y^q_j\mid\hat\phi_j, x^q_j) - \frac1J\log p(\theta)
 
-    ``differentiable_loss(model, guide, batch)`` needs ``guide`` to be a
-    :class:`~hierbayes.inference.TruncatedGradientGuide` of ``model``.
+    On the Pyro road the query likelihood is the sum of the replayed model's observed sites,
+    each with its own scale and mask, exactly as ``Trace_ELBO`` scores a model.
     """
 
     name = "maml"
 
+    def task_losses(
+        self, density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, batch: TaskBatch
+    ) -> Tensor:
+        return query_nll(density, params, phi, batch)
+
     def differentiable_loss(
         self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any
     ) -> Tensor:
-        self.check_pair(model, guide)
+        guide = self._guide(guide)
         batch = as_task_batch(*args, **kwargs)
-        xq, yq, mq = batch.require_query("the MAML objective")
-        structure: ModelStructure = guide.structure
-        density: TaskDensity = guide.density
-        values = run_guide(guide, structure, batch)
-        log_lik = density.log_likelihood(values.params, values.phi, xq, yq, mq)
-        return -log_lik.mean() + self.hyperprior_term(density, values.params, xq)
+        _, model_trace = self._traces(model, guide, batch)
+        structure = guide.structure
+        T = batch.num_tasks
+        log_lik = per_task_log_prob(model_trace, structure, T, batch.query_mask)
+        loss = -log_lik.mean()
+        if self.num_tasks is not None:
+            loss = loss - _global_log_prob(model_trace, structure) / self.num_tasks
+        return loss

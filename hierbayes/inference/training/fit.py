@@ -2,8 +2,11 @@ r"""``fit(model, tasks)``: meta-train a hierbayes model and return a plain resul
 
 Meta-training is stochastic optimisation of a meta-objective (MAML's query likelihood, or a
 Laplace objective) over batches of tasks, with the truncated-gradient guide as the amortised
-task posterior. The optimiser works on the guide's and the model's own parameters; each guide
-has a name of its own, so its mirror in Pyro's parameter store is never shared with another.
+task posterior. ``fit`` takes the fast road of the objectives
+(:meth:`~hierbayes.inference.MetaObjective.meta_loss`: the pure functions of
+:mod:`hierbayes.inference.core` on the guide's values); the Pyro road that ``pyro.infer.SVI``
+takes gives the same loss and gradients (tested). The optimiser works on the guide's and the
+model's own parameters.
 """
 
 from __future__ import annotations
@@ -11,93 +14,26 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, cast
 
 import pyro
 import torch
+from pyro import poutine
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hierbayes.errors import HierbayesError, NumericalError, TaskDataError
-from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior
-from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
-from hierbayes.inference.posteriors.predictive import Prediction
+from hierbayes.errors import NumericalError, TaskDataError
 from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
-from hierbayes.inference.svi.llama import llama_objective, llama_posterior
-from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective, run_guide
+from hierbayes.inference.svi.objectives import MetaObjective
+from hierbayes.inference.training.methods import get_method
+from hierbayes.inference.training.result import FitResult, MetaTrainingDiverged
+from hierbayes.models.density import NetworkDensity
+from hierbayes.models.task_model import TaskModel
 from hierbayes.tasks.batch import TaskBatch
 from hierbayes.tasks.source import TaskSource
 
-__all__ = ["FitResult", "MetaTrainingDiverged", "Method", "fit", "methods", "register_method"]
-
-
-PosteriorFactory = Callable[
-    [Any, Mapping[str, Tensor], Tensor, TaskBatch, MetaObjective], TaskPosterior
-]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A meta-learning method: how to build its objective and its task posterior."""
-
-    name: str
-    objective: Callable[..., MetaObjective]
-    posterior: PosteriorFactory
-    description: str = ""
-
-
-_METHODS: dict[str, Method] = {}
-
-
-def register_method(method: Method) -> None:
-    """Make ``method`` available as ``fit(..., method=method.name)``."""
-    _METHODS[method.name] = method
-
-
-def methods() -> dict[str, Method]:
-    """The registered methods by name."""
-    return dict(_METHODS)
-
-
-def _point_mass(
-    guide: TruncatedGradientGuide,
-    params: Mapping[str, Tensor],
-    phi: Tensor,
-    batch: TaskBatch,
-    objective: MetaObjective,
-) -> TaskPosterior:
-    return PointMassPosterior(guide.density, params, phi)
-
-
-register_method(
-    Method(
-        "maml",
-        MAMLObjective,
-        _point_mass,
-        "MAML (Finn et al. 2017): query NLL at the truncated-gradient point estimate",
-    )
-)
-
-
-register_method(
-    Method(
-        "llama",
-        llama_objective,
-        llama_posterior,
-        "LLAMA (Grant et al. 2018) and successors: Laplace-corrected objectives, Gaussian task "
-        "posteriors; objective='predictive' (default), 'evidence' or 'paper'",
-    )
-)
-
-
-class MetaTrainingDiverged(HierbayesError, FloatingPointError):
-    """The meta-objective became NaN or infinite; ``result`` holds the last finite state."""
-
-    def __init__(self, message: str, result: FitResult) -> None:
-        super().__init__(message)
-        self.result = result
+__all__ = ["fit"]
 
 
 class _BatchSource:
@@ -120,141 +56,6 @@ class _BatchSource:
         index = torch.randperm(self.batch.num_tasks, generator=generator)[:num_tasks]
         out = self.batch.select(index.to(self.batch.device))
         return out.to(dtype=dtype) if dtype is not None else out
-
-
-@dataclass
-class FitResult:
-    """What :func:`fit` returns: the trained model and guide, the loss history, and methods to
-    adapt to new tasks and predict.
-
-    Attributes
-    ----------
-    model, guide, objective:
-        The model, its trained :class:`~hierbayes.inference.TruncatedGradientGuide`, and the
-        meta-objective.
-    method:
-        The method's name (``"maml"``, ``"llama"``, ...).
-    history:
-        The meta-objective at each meta-step.
-    config:
-        The settings of the run (steps, batch size, seed, device, ...).
-    """
-
-    model: Any
-    guide: TruncatedGradientGuide
-    objective: MetaObjective
-    method: str
-    history: list[float] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    wall_time: float = 0.0
-
-    @property
-    def params(self) -> dict[str, Tensor]:
-        """Point estimates of the global latents (``theta``, ``noise_scale``, ...), and the
-        current values of a function model's ``pyro.param`` sites (kept in Pyro's parameter
-        store, shared by name: fitting the same function model again replaces them)."""
-        values = {k: v.detach() for k, v in self.guide.global_values().items()}
-        store = pyro.get_param_store()
-        for name in self.guide.structure.param_sites:
-            if name in store and name not in values and "." not in name:
-                values[name] = store.get_param(name).detach()
-        return values
-
-    @property
-    def theta(self) -> Tensor:
-        r""":math:`\hat\theta`, the meta-learned initialisation / prior mean."""
-        params = self.params
-        if "theta" in params:
-            return params["theta"]
-        theta = getattr(self.model, "theta", None)
-        if isinstance(theta, Tensor):
-            return theta.detach()
-        raise KeyError("the model has no global site or parameter named 'theta'")
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self.config.get("device", "cpu"))
-
-    def adapt(
-        self,
-        support_x: TaskBatch | Tensor,
-        support_y: Tensor | None = None,
-        mask: Tensor | None = None,
-        *,
-        inner_steps: int | None = None,
-        step_size: float | None = None,
-    ) -> TaskPosterior:
-        r"""The task posterior of each new task given its support set.
-
-        Pass a :class:`~hierbayes.tasks.TaskBatch` (its support set is used) or
-        ``support_x`` ``(T, N, ...)``, ``support_y`` and an optional mask. ``inner_steps``
-        overrides the number of inner steps for this call (``0``: no adaptation, the
-        posterior sits at the prior mean :math:`\hat\theta`), and ``step_size`` a fixed step.
-        """
-        if isinstance(support_x, TaskBatch):
-            batch = support_x
-        else:
-            if support_y is None:
-                raise TaskDataError("adapt needs support_y, the targets of the support set")
-            batch = TaskBatch(support_x, support_y, support_mask=mask)
-        batch = batch.to(self.device, dtype=self.config.get("dtype"))
-        trained_steps = self.guide.inner_steps
-        if inner_steps is not None:
-            if inner_steps < 0:
-                raise ValueError(f"inner_steps must be >= 0; got {inner_steps}")
-            self.guide.inner_steps = inner_steps
-        trained_step_size = None
-        if step_size is not None:
-            if self.guide.learn_step_size != "fixed" or not step_size > 0:
-                raise ValueError("step_size can be overridden only for a fixed, positive step size")
-            trained_step_size = self.guide.step_size.clone()
-            self.guide.step_size.fill_(float(step_size))
-        try:
-            with torch.no_grad():
-                values = run_guide(self.guide, self.guide.structure, batch)
-            return _METHODS[self.method].posterior(
-                self.guide, values.params, values.phi, batch, self.objective
-            )
-        finally:
-            self.guide.inner_steps = trained_steps
-            if trained_step_size is not None:
-                self.guide.step_size.copy_(trained_step_size)
-
-    def predict(self, batch: TaskBatch, x: Tensor | None = None, **kwargs: Any) -> Prediction:
-        """Adapt to ``batch``'s support sets and predict at ``x`` (default: its query inputs)."""
-        posterior = self.adapt(batch)
-        if x is None:
-            x, _, _ = batch.require_query("predict without x")
-        return posterior.predict(self._move(x), **kwargs)
-
-    def _move(self, t: Tensor) -> Tensor:
-        dtype = self.config.get("dtype")
-        if dtype is not None and torch.is_floating_point(t):
-            return t.to(device=self.device, dtype=dtype)
-        return t.to(self.device)
-
-    def evaluate(
-        self,
-        batch: TaskBatch,
-        levels: tuple[float, ...] = (0.5, 0.9),
-        *,
-        inner_steps: int | None = None,
-        step_size: float | None = None,
-        chunk_size: int = 200,
-        **kwargs: Any,
-    ) -> TaskMetrics:
-        """Per-task query metrics (MSE, NLL per point, interval coverage) after adaptation.
-
-        Tasks are adapted and scored ``chunk_size`` at a time (bounded memory); other keywords
-        go to the posterior's ``predict`` (e.g. ``method="sampled"`` for Laplace posteriors).
-        """
-        parts = []
-        for start in range(0, batch.num_tasks, chunk_size):
-            chunk = batch.select(slice(start, start + chunk_size))
-            posterior = self.adapt(chunk, inner_steps=inner_steps, step_size=step_size)
-            moved = chunk.to(self.device, dtype=self.config.get("dtype"))
-            parts.append(evaluate_posterior(posterior, moved, levels=levels, **kwargs))
-        return TaskMetrics.concat(parts)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -291,7 +92,7 @@ def fit(
     Parameters
     ----------
     model:
-        A hierbayes model (a Pyro program following :mod:`hierbayes.models.contract`).
+        A hierbayes model (a Pyro program following :mod:`hierbayes.models.structure`).
     tasks:
         A task source (:class:`~hierbayes.tasks.SinusoidTasks`,
         :class:`~hierbayes.tasks.TaskCollection`, :class:`~hierbayes.tasks.EpisodicSampler`,
@@ -327,8 +128,7 @@ def fit(
     MetaTrainingDiverged
         If the objective becomes NaN or infinite; its ``result`` holds the last finite state.
     """
-    if method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; registered methods: {sorted(_METHODS)}")
+    spec = get_method(method)
     if isinstance(objective, str):
         method_options["objective"] = objective
         objective = None
@@ -338,7 +138,7 @@ def fit(
         )
     dev = _resolve_device(device)
     source: Any = _BatchSource(tasks) if isinstance(tasks, TaskBatch) else tasks
-    if not callable(getattr(source, "sample", None)):
+    if not isinstance(source, TaskSource):
         raise TypeError(
             f"tasks must be a TaskBatch or a task source with sample(num_tasks, generator=...); "
             f"got {type(tasks).__name__}"
@@ -391,11 +191,12 @@ def fit(
     _check_targets(guide, first)
     if objective is None:
         try:
-            objective = _METHODS[method].objective(num_tasks=source.num_tasks, **method_options)
+            objective = spec.objective(num_tasks=source.num_tasks, **method_options)
         except TypeError as err:
             raise ValueError(
                 f"method {method!r} does not take the options {sorted(method_options)} ({err})"
             ) from err
+    objective.bind(guide.density)  # declared capabilities, checked before any training
     result = FitResult(model, guide, objective, method, [], config)
     parameters = _trainable_parameters(model, guide)
     optim = torch.optim.Adam(parameters, lr=lr)
@@ -409,7 +210,7 @@ def fit(
             batch = source.sample(meta_batch_size, generator=generator, dtype=dtype).to(dev)
         optim.zero_grad(set_to_none=True)
         try:
-            loss = objective.differentiable_loss(model, guide, batch)
+            loss = objective.meta_loss(guide, batch)
             value = float(loss.detach())
             cause = None
         except NumericalError as err:
@@ -478,8 +279,6 @@ def _reset_param_sites(model: Any, batch: TaskBatch) -> None:
     """Forget the ``pyro.param`` values a function model left in Pyro's global store, so that
     ``fit`` starts from their initial values (reproducible with ``seed``) rather than from
     whatever an earlier run trained."""
-    from pyro import poutine
-
     with poutine.block():
         trace = poutine.trace(model).get_trace(batch.support_x, batch.support_y)
     store = pyro.get_param_store()
@@ -496,10 +295,9 @@ def _check_targets(guide: TruncatedGradientGuide, batch: TaskBatch) -> None:
     phi = guide.density.prior_mean({k: v.detach() for k, v in params.items()}, one.support_x)
     xq, yq, mq = one.require_query("meta-training")
     assert batch.query_y is not None
-    check_mask = getattr(guide.density, "_check_mask", None)
-    if callable(check_mask):  # batch norm cannot take tasks of unequal sizes
-        check_mask(batch.support_mask)
-        check_mask(batch.query_mask)
+    if isinstance(guide.density, NetworkDensity):  # batch norm cannot take unequal task sizes
+        guide.density.check_mask(batch.support_mask)
+        guide.density.check_mask(batch.query_mask)
     for name, x, y, mask, full in (
         ("support_y", one.support_x, one.support_y, one.support_mask, batch.support_y),
         ("query_y", xq, yq, mq, batch.query_y),
@@ -517,7 +315,7 @@ def _warn_if_prior_collapsed(model: Any, result: FitResult) -> None:
     """Warn when a learned prior scale ended far below where it started: the Laplace posterior
     N(phi_hat, H^-1) is then close to a point mass."""
     scale = result.params.get("prior_scale")
-    start = getattr(model, "prior_scale_init", None)
+    start = model.prior_scale_init if isinstance(model, TaskModel) else None
     if scale is None or start is None or scale.numel() != 1:
         return
     if float(scale) < 0.01 * float(start):

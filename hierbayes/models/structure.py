@@ -1,4 +1,4 @@
-r"""The hierbayes model contract, read off a Pyro program, and its per-task log densities.
+r"""The hierbayes model contract, read off a Pyro program's trace.
 
 A hierbayes model is a plain Pyro program ``model(x, y=None)`` over a batch of ``T`` tasks
 (Grant et al. 2018, eq. 2):
@@ -16,24 +16,17 @@ A hierbayes model is a plain Pyro program ``model(x, y=None)`` over a batch of `
   (needed for masks of tasks with unequal sizes).
 
 :func:`model_structure` traces the program once and checks all of this, with errors that
-explain the contract. :class:`TaskDensity` is the protocol the inference code evaluates:
-per-task log likelihoods and log priors as pure functions of the global point estimates and
-of :math:`\phi \in \mathbb{R}^{T\times D}`. :class:`PyroTaskDensity` implements it for any
-program by re-running it under ``poutine.condition``; built-in models
-(:class:`hierbayes.models.TaskModel`) implement it natively, and the tests check the two agree.
+explain the contract. The densities evaluated on that structure live in
+:mod:`hierbayes.models.density`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import pyro
-import pyro.distributions as dist
-import pyro.poutine.runtime
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
@@ -45,12 +38,12 @@ from torch import Tensor
 from hierbayes.errors import ModelContractError
 
 __all__ = [
+    "TASKS_PLATE",
     "GlobalSite",
     "ModelStructure",
-    "PyroTaskDensity",
-    "TaskDensity",
     "model_structure",
-    "task_density",
+    "per_task_log_prob",
+    "trace_nodes",
 ]
 
 TASKS_PLATE = "tasks"
@@ -114,27 +107,7 @@ class ModelStructure:
         return value.reshape(T, self.num_params)
 
 
-@contextmanager
-def _isolated_effects() -> Iterator[None]:
-    """Run Pyro code with an empty effect-handler stack, restoring the caller's afterwards.
-
-    Pyro keeps its handlers in one global stack (``pyro.poutine.runtime._PYRO_STACK``) and its
-    plates' dimensions in one global allocator, and offers no public way to evaluate a program
-    outside the handlers and plates around it; both are set aside here and put back.
-    """
-    runtime = pyro.poutine.runtime
-    stack, dims = runtime._PYRO_STACK, runtime._DIM_ALLOCATOR._stack
-    saved_stack, saved_dims = stack[:], dims[:]
-    stack.clear()
-    dims.clear()
-    try:
-        yield
-    finally:
-        stack[:] = saved_stack
-        dims[:] = saved_dims
-
-
-def _nodes(trace: Trace) -> dict[str, Any]:
+def trace_nodes(trace: Trace) -> dict[str, Any]:
     """A trace's sites as plain dictionaries (Pyro types them as messages)."""
     nodes: dict[str, Any] = trace.nodes
     return nodes
@@ -178,7 +151,7 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
         ) from err
     has_tasks_plate = any(
         _plate_frame(s, TASKS_PLATE) is not None
-        for s in _nodes(trace).values()
+        for s in trace_nodes(trace).values()
         if s["type"] == "sample" and not site_is_subsample(s)
     )
     if not has_tasks_plate:
@@ -188,7 +161,7 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
     params: list[str] = []
     task_sites: list[str] = []
     observed: list[str] = []
-    for name, site in _nodes(trace).items():
+    for name, site in trace_nodes(trace).items():
         if site["type"] == "param":
             params.append(name)
             continue
@@ -229,7 +202,7 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
             f"the model has no observed site inside pyro.plate('tasks') when given y: pass y "
             f"as obs= of the likelihood's sample site. {_CONTRACT}"
         )
-    task_site = _nodes(trace)[task_sites[0]]
+    task_site = trace_nodes(trace)[task_sites[0]]
     fn = task_site["fn"]
     if (
         fn.support is not constraints.real
@@ -261,7 +234,7 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
         )
     data_dims: dict[str, int | None] = {}
     for name in observed:
-        site = _nodes(trace)[name]
+        site = trace_nodes(trace)[name]
         others = [f for f in site["cond_indep_stack"] if f.name != TASKS_PLATE and f.vectorized]
         data_dims[name] = others[0].dim if len(others) == 1 else None
     return ModelStructure(
@@ -276,51 +249,18 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
     )
 
 
-@runtime_checkable
-class TaskDensity(Protocol):
-    r"""Per-task log densities as pure functions of global values and :math:`\phi` ``(T, D)``.
-
-    ``params`` maps each global latent site's name to its (constrained) value. ``mask``, when
-    given, is ``(T, N)`` boolean, ``True`` for real points.
-    """
-
-    structure: ModelStructure
-
-    def log_likelihood(
-        self,
-        params: Mapping[str, Tensor],
-        phi: Tensor,
-        x: Tensor,
-        y: Tensor,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        r""":math:`\log p(y_j \mid \phi_j, x_j)`, shape ``(T,)``."""
-        ...
-
-    def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
-        r""":math:`\log p(\phi_j \mid \theta)`, shape ``(T,)``."""
-        ...
-
-    def prior_mean(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        r""":math:`\mathbb{E}[\phi_j \mid \theta]`, shape ``(T, D)``: where the inner loop starts."""
-        ...
-
-    def log_hyperprior(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        r""":math:`\log p(\theta, \ldots)` of the global latents, a scalar."""
-        ...
-
-    def predictive(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> dist.Distribution:
-        r""":math:`p(y \mid \phi_j, x)` with batch shape ``(T, N)``."""
-        ...
-
-
-def _per_task(
+def per_task_log_prob(
     trace: Trace, structure: ModelStructure, num_tasks: int, mask: Tensor | None
 ) -> Tensor:
-    """Sum each observed site's log-probabilities over everything but the tasks dimension."""
+    """Each task's summed log-probability of the observed sites in ``trace``, ``(T,)``.
+
+    Every site's own ``scale`` and ``mask`` (set by ``poutine.scale``/``mask`` or a plate's
+    subsampling) apply, as in Pyro's ELBOs; ``mask`` ``(T, N)`` additionally drops padded
+    points along the site's data plate.
+    """
     total: Tensor | None = None
     for name in structure.observed_sites:
-        site = _nodes(trace)[name]
+        site = trace_nodes(trace)[name]
         fn = site["fn"]
         lp = fn.log_prob(site["value"])
         site_mask = site["mask"]
@@ -353,118 +293,6 @@ def _per_task(
         lp = lp.expand(*lp.shape[:tasks_axis], num_tasks, *lp.shape[tasks_axis + 1 :])
         per_task = lp.movedim(tasks_axis, 0).reshape(num_tasks, -1).sum(-1)
         total = per_task if total is None else total + per_task
-    assert total is not None
+    if total is None:
+        raise ModelContractError("the model has no observed site to score")
     return total
-
-
-class PyroTaskDensity:
-    """:class:`TaskDensity` of any Pyro program, by re-running it under ``poutine.condition``.
-
-    Correct for every program that follows the contract; it pays Pyro's tracing cost at each
-    evaluation. The observed sites are named explicitly (from the prototype trace), so the
-    conditioned per-task latent, which ``poutine.condition`` also marks as observed, never
-    enters the likelihood.
-    """
-
-    def __init__(
-        self, model: Callable[..., Any], structure: ModelStructure, example_x: Tensor | None = None
-    ) -> None:
-        self.model = model
-        self.structure = structure
-        self._example_x = example_x
-
-    def _trace(
-        self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor, y: Tensor | None
-    ) -> Trace:
-        self._example_x = x[:1]
-        data = dict(params)
-        data[self.structure.task_site] = self.structure.to_site(phi)
-        # isolated: these evaluations are internal. A handler around them (SVI's parameter
-        # capture, a user's poutine.trace) would otherwise see the model's sites twice, and an
-        # enclosing plate (a guide's, vectorised ELBO particles) would clash with the model's.
-        with _isolated_effects():
-            return poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, y)
-
-    def log_likelihood(
-        self,
-        params: Mapping[str, Tensor],
-        phi: Tensor,
-        x: Tensor,
-        y: Tensor,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        return _per_task(self._trace(params, phi, x, y), self.structure, phi.shape[0], mask)
-
-    def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
-        site = _nodes(self._trace(params, phi, x, None))[self.structure.task_site]
-        return site["fn"].log_prob(site["value"]).reshape(phi.shape[0])
-
-    def prior_mean(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        with _isolated_effects():
-            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(
-                x, None
-            )
-        fn = _nodes(trace)[self.structure.task_site]["fn"]
-        T = x.shape[0]
-        mean = fn.mean.expand(fn.batch_shape + fn.event_shape)
-        return self.structure.from_site(mean.expand(*self._site_shape(T)))
-
-    def _site_shape(self, T: int) -> tuple[int, ...]:
-        batch = [1] * self.structure.task_batch_ndim
-        batch[self.structure.tasks_dim] = T
-        return (*batch, *self.structure.task_event_shape)
-
-    def prior_precision(self, params: Mapping[str, Tensor]) -> Tensor:
-        r"""Diagonal of :math:`-\nabla^2\log p(\phi\mid\theta)`, ``(D,)``, for a Normal prior."""
-        if self._example_x is None:
-            raise ModelContractError(
-                "prior_precision needs the density to have seen an input batch"
-            )
-        with _isolated_effects():
-            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(
-                self._example_x, None
-            )
-        fn = _nodes(trace)[self.structure.task_site]["fn"]
-        while isinstance(fn, dist.Independent):
-            fn = fn.base_dist
-        if not isinstance(fn, dist.Normal):
-            raise ModelContractError(
-                f"the per-task prior is {type(fn).__name__}, not Normal: its precision is not "
-                "diagonal-constant; pass damping=τ to use τI as the prior's curvature"
-            )
-        scale = fn.scale.expand(fn.batch_shape)
-        return (1.0 / scale.square()).reshape(-1, self.structure.num_params)[0]
-
-    def log_hyperprior(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        with _isolated_effects():
-            trace = poutine.trace(poutine.condition(self.model, data=dict(params))).get_trace(
-                x, None
-            )
-        total = x.new_zeros(())
-        for site in self.structure.global_sites:
-            node = _nodes(trace)[site.name]
-            total = total + node["fn"].log_prob(node["value"]).sum()
-        return total
-
-    def predictive(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> dist.Distribution:
-        if len(self.structure.observed_sites) != 1:
-            raise ModelContractError(
-                f"predictions need one observed site; the model has {list(self.structure.observed_sites)}"
-            )
-        data = dict(params)
-        data[self.structure.task_site] = self.structure.to_site(phi)
-        with _isolated_effects():
-            trace = poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, None)
-        fn: dist.Distribution = _nodes(trace)[self.structure.observed_sites[0]]["fn"]
-        return fn
-
-
-def task_density(
-    model: Callable[..., Any], structure: ModelStructure, example_x: Tensor | None = None
-) -> TaskDensity:
-    """The model's native :class:`TaskDensity` if it has one, else :class:`PyroTaskDensity`."""
-    native = getattr(model, "task_density", None)
-    if callable(native):
-        density: TaskDensity = native(structure)
-        return density
-    return PyroTaskDensity(model, structure, None if example_x is None else example_x[:1])

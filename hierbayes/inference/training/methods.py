@@ -1,0 +1,91 @@
+r"""The registry of meta-learning methods: how each builds its objective and task posterior."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
+from hierbayes.inference.svi.guide import TruncatedGradientGuide
+from hierbayes.inference.svi.llama import llama_objective, llama_posterior
+from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
+from hierbayes.tasks.batch import TaskBatch
+
+__all__ = ["Method", "PosteriorFactory", "get_method", "methods", "register_method"]
+
+
+PosteriorFactory = Callable[
+    [TruncatedGradientGuide, Mapping[str, Tensor], Tensor, TaskBatch, MetaObjective], TaskPosterior
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A meta-learning method: how to build its objective and its task posterior."""
+
+    name: str
+    objective: Callable[..., MetaObjective]
+    posterior: PosteriorFactory
+    description: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, overwrite: bool = False) -> None:
+    """Make ``method`` available as ``fit(..., method=method.name)``.
+
+    A name that is registered already is refused unless ``overwrite=True`` (as
+    :func:`~hierbayes.inference.curvature.register_curvature` does).
+    """
+    if method.name in _METHODS and not overwrite:
+        raise ValueError(
+            f"a method named {method.name!r} is registered already; pass overwrite=True to "
+            "replace it"
+        )
+    _METHODS[method.name] = method
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``, or an error that lists the known ones."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def methods() -> dict[str, Method]:
+    """The registered methods by name."""
+    return dict(_METHODS)
+
+
+def _point_mass(
+    guide: TruncatedGradientGuide,
+    params: Mapping[str, Tensor],
+    phi: Tensor,
+    batch: TaskBatch,
+    objective: MetaObjective,
+) -> TaskPosterior:
+    return PointMassPosterior(guide.density, params, phi)
+
+
+register_method(
+    Method(
+        "maml",
+        MAMLObjective,
+        _point_mass,
+        "MAML (Finn et al. 2017): query NLL at the truncated-gradient point estimate",
+    )
+)
+
+
+register_method(
+    Method(
+        "llama",
+        llama_objective,
+        llama_posterior,
+        "LLAMA (Grant et al. 2018) and successors: Laplace-corrected objectives, Gaussian task "
+        "posteriors; objective='predictive' (default), 'evidence' or 'paper'",
+    )
+)

@@ -1,0 +1,170 @@
+r"""What :func:`~hierbayes.inference.fit` returns: a plain result object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor
+
+from hierbayes.errors import HierbayesError, TaskDataError
+from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior
+from hierbayes.inference.posteriors.base import TaskPosterior
+from hierbayes.inference.posteriors.predictive import Prediction
+from hierbayes.inference.svi.guide import TruncatedGradientGuide
+from hierbayes.inference.svi.objectives import MetaObjective
+from hierbayes.inference.training.methods import get_method
+from hierbayes.tasks.batch import TaskBatch
+
+__all__ = ["FitResult", "MetaTrainingDiverged"]
+
+
+class MetaTrainingDiverged(HierbayesError, FloatingPointError):
+    """The meta-objective became NaN or infinite; ``result`` holds the last finite state."""
+
+    def __init__(self, message: str, result: FitResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained model and guide, the loss history, and methods to
+    adapt to new tasks and predict.
+
+    Attributes
+    ----------
+    model, guide, objective:
+        The model, its trained :class:`~hierbayes.inference.TruncatedGradientGuide`, and the
+        meta-objective.
+    method:
+        The method's name (``"maml"``, ``"llama"``, ...).
+    history:
+        The meta-objective at each meta-step.
+    config:
+        The settings of the run (steps, batch size, seed, device, ...).
+    """
+
+    model: Any
+    guide: TruncatedGradientGuide
+    objective: MetaObjective
+    method: str
+    history: list[float] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """Point estimates of the global latents (``theta``, ``noise_scale``, ...), and the
+        current values of a function model's ``pyro.param`` sites (kept in Pyro's parameter
+        store, shared by name: fitting the same function model again replaces them)."""
+        values = {k: v.detach() for k, v in self.guide.global_values().items()}
+        store = pyro.get_param_store()
+        for name in self.guide.structure.param_sites:
+            if name in store and name not in values:
+                values[name] = store.get_param(name).detach()
+        if isinstance(self.model, torch.nn.Module):
+            for name, value in _module_param_values(self.model).items():
+                values.setdefault(name, value)
+        return values
+
+    @property
+    def theta(self) -> Tensor:
+        r""":math:`\hat\theta`, the meta-learned initialisation / prior mean."""
+        params = self.params
+        if "theta" in params:
+            return params["theta"]
+        raise KeyError("the model has no global site or parameter named 'theta'")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.config.get("device", "cpu"))
+
+    def adapt(
+        self,
+        support_x: TaskBatch | Tensor,
+        support_y: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        inner_steps: int | None = None,
+        step_size: float | None = None,
+    ) -> TaskPosterior:
+        r"""The task posterior of each new task given its support set.
+
+        Pass a :class:`~hierbayes.tasks.TaskBatch` (its support set is used) or
+        ``support_x`` ``(T, N, ...)``, ``support_y`` and an optional mask. ``inner_steps``
+        overrides the number of inner steps for this call (``0``: no adaptation, the
+        posterior sits at the prior mean :math:`\hat\theta`), and ``step_size`` a fixed step.
+        """
+        if isinstance(support_x, TaskBatch):
+            batch = support_x
+        else:
+            if support_y is None:
+                raise TaskDataError("adapt needs support_y, the targets of the support set")
+            batch = TaskBatch(support_x, support_y, support_mask=mask)
+        batch = batch.to(self.device, dtype=self.config.get("dtype"))
+        if step_size is not None and (self.guide.learn_step_size != "fixed" or not step_size > 0):
+            raise ValueError("step_size can be overridden only for a fixed, positive step size")
+        with torch.no_grad():
+            params = self.guide.global_values()
+            phi = self.guide.adapt(
+                params,
+                batch.support_x,
+                batch.support_y,
+                batch.support_mask,
+                inner_steps=inner_steps,
+                step_size=step_size,
+            )
+        return get_method(self.method).posterior(self.guide, params, phi, batch, self.objective)
+
+    def predict(self, batch: TaskBatch, x: Tensor | None = None, **kwargs: Any) -> Prediction:
+        """Adapt to ``batch``'s support sets and predict at ``x`` (default: its query inputs)."""
+        posterior = self.adapt(batch)
+        if x is None:
+            x, _, _ = batch.require_query("predict without x")
+        return posterior.predict(self._move(x), **kwargs)
+
+    def _move(self, t: Tensor) -> Tensor:
+        dtype = self.config.get("dtype")
+        if dtype is not None and torch.is_floating_point(t):
+            return t.to(device=self.device, dtype=dtype)
+        return t.to(self.device)
+
+    def evaluate(
+        self,
+        batch: TaskBatch,
+        levels: tuple[float, ...] = (0.5, 0.9),
+        *,
+        inner_steps: int | None = None,
+        step_size: float | None = None,
+        chunk_size: int = 200,
+        **kwargs: Any,
+    ) -> TaskMetrics:
+        """Per-task query metrics (MSE, NLL per point, interval coverage) after adaptation.
+
+        Tasks are adapted and scored ``chunk_size`` at a time (bounded memory); other keywords
+        go to the posterior's ``predict`` (e.g. ``method="sampled"`` for Laplace posteriors).
+        """
+        parts = []
+        for start in range(0, batch.num_tasks, chunk_size):
+            chunk = batch.select(slice(start, start + chunk_size))
+            posterior = self.adapt(chunk, inner_steps=inner_steps, step_size=step_size)
+            moved = chunk.to(self.device, dtype=self.config.get("dtype"))
+            parts.append(evaluate_posterior(posterior, moved, levels=levels, **kwargs))
+        return TaskMetrics.concat(parts)
+
+
+def _module_param_values(model: torch.nn.Module) -> dict[str, Tensor]:
+    """A module model's own learnable values by their short names, constrained where they are
+    ``PyroParam`` s (read outside any Pyro context: the plain constrained value)."""
+    values: dict[str, Tensor] = {}
+    for name, _ in model.named_parameters():
+        short = name.removesuffix("_unconstrained")
+        owner: Any = model
+        *path, leaf = short.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        values[short] = getattr(owner, leaf).detach()
+    return values
