@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -22,11 +23,15 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("numpyro")
 
 from hierbayes.models.jax_density import (  # noqa: E402
+    _JAX_STEPS,
     jax_log_density,
     jax_network,
     jax_params,
+    likelihood_spec,
     require_jax,
 )
+from hierbayes.models.likelihoods import LikelihoodSpec  # noqa: E402
+from hierbayes.models.network_plan import PlanStep  # noqa: E402
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 
@@ -157,11 +162,114 @@ def test_network_matches_batched_network() -> None:
     torch.testing.assert_close(torch.tensor(np.array(out)), model.net(phi, x)[0], **TOL)
 
 
-def test_unsupported_layer_points_to_nuts_pyro() -> None:
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))
-    model = TaskModel(net, GaussianLikelihood())
-    with pytest.raises(NotImplementedError, match="nuts_pyro"):
+def test_network_off_the_fast_path_points_to_nuts_pyro() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.lin(x)
+
+    model = TaskModel(Residual(), GaussianLikelihood())
+    assert model.net.plan is None
+    with pytest.raises(NotImplementedError, match=r"fast path.*Residual.*nuts_pyro"):
         jax_log_density(model)
+
+
+def test_likelihood_without_a_description_points_to_nuts_pyro() -> None:
+    class Student(GaussianLikelihood):  # changes the density, so drops the spec
+        @property
+        def spec(self) -> None:  # type: ignore[override]
+            return None
+
+    model = TaskModel(nn.Linear(1, 1), Student())
+    with pytest.raises(NotImplementedError, match=r"declares no LikelihoodSpec.*nuts_pyro"):
+        jax_log_density(model)
+
+
+def test_likelihood_specs_declare_kind_and_noise() -> None:
+    assert likelihood_spec(GaussianLikelihood(0.3, learned=False)) == LikelihoodSpec(
+        "gaussian", "fixed", 0.3
+    )
+    assert likelihood_spec(GaussianLikelihood()).noise == "learned"
+    assert likelihood_spec(GaussianLikelihood(per_task=True)).noise == "per_task"
+    assert likelihood_spec(CategoricalLikelihood()) == LikelihoodSpec("categorical")
+
+
+def test_every_plan_step_kind_has_a_jax_implementation() -> None:
+    kinds = {cls.kind for cls in typing.get_args(PlanStep)}
+    assert kinds == set(_JAX_STEPS)
+
+
+def with_head(*features: nn.Module) -> nn.Sequential:
+    """``features``, Flatten and a Linear layer to 3 outputs, sized for ``(2, 7, 6)`` inputs."""
+    body = nn.Sequential(*features, nn.Flatten())
+    size = body(torch.zeros(2, 2, 7, 6)).shape[-1]  # batch of 2: batch norm needs > 1 point
+    return nn.Sequential(*features, nn.Flatten(), nn.Linear(size, 3))
+
+
+CONV_NETWORKS = {
+    "conv-bn-maxpool": lambda: with_head(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 3, 2, bias=False),
+        nn.Sigmoid(),
+    ),
+    "strided-dilated-avgpool": lambda: with_head(
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+        nn.Tanh(),
+        nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+    ),
+    "pool-options": lambda: with_head(
+        nn.MaxPool2d(3, stride=2, padding=1, dilation=2, ceil_mode=True),
+        nn.AvgPool2d(2, ceil_mode=True),
+        nn.Conv2d(2, 2, 1),
+        nn.AvgPool2d(2, padding=1, divisor_override=3),
+        nn.BatchNorm2d(2, affine=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONV_NETWORKS))
+def test_convolutional_plan_matches_torch(name: str) -> None:
+    """Convolution, pooling (every torch option), batch norm and flatten, step by step."""
+    torch.manual_seed(0)
+    model = TaskModel(CONV_NETWORKS[name](), CategoricalLikelihood(), prior_scale=0.7)
+    assert {step.kind for step in model.net.plan or ()} >= {"conv2d", "pool", "flatten"}
+    g = torch.Generator().manual_seed(1)
+    T, N = 2, 5
+    x = torch.randn(T, N, 2, 7, 6, generator=g)
+    y = torch.randint(0, 3, (T, N), generator=g)
+    phi = model.theta_init + 0.3 * torch.randn(T, model.num_params, generator=g)
+    params = dict(model.initial_values())
+    with jax.enable_x64(True):
+        f = jax.vmap(jax_network(model))(phi.numpy(), x.numpy())
+    torch.testing.assert_close(torch.tensor(np.array(f)), model.net(phi, x), **TOL)
+    torch.testing.assert_close(
+        jax_log_joint(model, params, phi, x, y), torch_log_joint(model, params, phi, x, y), **TOL
+    )
+
+
+def test_batch_norm_with_a_mask_uses_the_real_points_only() -> None:
+    """A padded task's density equals the torch density of the task without its padding."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(2, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 1))
+    model = TaskModel(net, GaussianLikelihood(0.5))
+    params, phi, x, y = random_regression(model, T=1, N=7, d=2, seed=8)
+    mask = torch.tensor([[True, True, False, True, True, False, True]])
+    real = mask[0]
+    expected = torch_log_joint(model, params, phi, x[:, real], y[:, real])
+    torch.testing.assert_close(jax_log_joint(model, params, phi, x, y, mask), expected, **TOL)
+    # all points real: the torch density on the padded layout itself
+    full = torch.ones_like(mask)
+    torch.testing.assert_close(
+        jax_log_joint(model, params, phi, x, y, full),
+        torch_log_joint(model, params, phi, x, y, full),
+        **TOL,
+    )
 
 
 def test_missing_jax_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

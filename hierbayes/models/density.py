@@ -249,7 +249,7 @@ class PyroTaskDensity:
         return site["fn"].log_prob(site["value"]).reshape(phi.shape[0])
 
     def _task_prior(self, params: Mapping[str, Tensor], x: Tensor) -> Any:
-        """The per-task latent's distribution :math:`p(\phi\mid\theta)` in the program."""
+        r"""The per-task latent's distribution :math:`p(\phi\mid\theta)` in the program."""
         return trace_nodes(self.trace(params, None, x, None))[self.structure.task_site]["fn"]
 
     def prior_mean(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:

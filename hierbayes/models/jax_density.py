@@ -8,7 +8,7 @@ For one task with support data :math:`(x, y)` (``N`` points) and the global valu
 
     \log p(y, \phi \mid x, \hat\theta)
       = \sum_{n=1}^{N} m_n \log p(y_n \mid f(x_n; \phi))
-        + \sum_{d=1}^{D} \log \mathcal N(\phi_d;\, \hat\theta_d, s^2),
+        + \sum_{d=1}^{D} \log \mathcal N(\phi_d;\, \hat\theta_d, s_d^2),
 
 the same quantity as ``TaskModelDensity.log_likelihood + TaskModelDensity.log_prior`` for one
 task (``m`` is the optional mask of real points). With a per-task Gaussian noise scale
@@ -17,12 +17,18 @@ task (``m`` is the optional mask of real points). With a per-task Gaussian noise
 :math:`p(\phi \mid x, y, \hat\theta)` with it (:func:`hierbayes.inference.reference.nuts.nuts_numpyro`);
 the tests check it against the torch density in float64 to 1e-10 on random inputs.
 
-The network is rebuilt layer by layer from the module (a ``nn.Linear`` or an ``nn.Sequential``,
-possibly nested, of ``Linear``, ``Flatten`` and element-wise activations), reading each
-parameter's slice of :math:`\phi` from the model's
-:class:`~hierbayes.models.network.ParameterLayout` (row-major, ``named_parameters`` order).
-Convolutions, pooling and batch norm are not translated: use
+Nothing here reads the ``nn.Module``. The network is the model's fast-path plan
+(:attr:`~hierbayes.models.network.BatchedNetwork.plan`, the description the torch fast path runs),
+interpreted step by step with one table from step kind to a ``jax.numpy`` implementation
+(:data:`_JAX_STEPS`); every parameter is read by name from :math:`\phi` through the model's
+:class:`~hierbayes.models.network.ParameterLayout`. The likelihood is read through its declared
+:class:`~hierbayes.models.likelihoods.LikelihoodSpec`. A network off the fast path (a module that runs through
+``torch.func.vmap``) has no plan, hence no JAX form: use
 :func:`~hierbayes.inference.reference.nuts.nuts_pyro`, which runs any hierbayes model.
+
+Batch norm uses the statistics of the task's real points: with a ``mask``, padded points are
+left out of the means and variances (the torch density refuses padded batch-norm tasks
+instead), so the result is the density of the task on its own.
 
 JAX is optional: it is imported when a function here is called, never at package import.
 
@@ -36,21 +42,37 @@ References
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from hierbayes.models.likelihoods import CategoricalLikelihood, GaussianLikelihood
+from hierbayes.models.likelihoods import Likelihood, LikelihoodSpec
 from hierbayes.models.network import ParameterLayout
+from hierbayes.models.network_plan import (
+    ActivationStep,
+    BatchNormStep,
+    Conv2dStep,
+    FlattenStep,
+    LinearStep,
+    PlanStep,
+    PoolStep,
+)
 from hierbayes.models.task_model import TaskModel
 
-__all__ = ["JAX_INSTALL_HINT", "jax_log_density", "jax_network", "jax_params", "require_jax"]
+__all__ = [
+    "JAX_INSTALL_HINT",
+    "jax_log_density",
+    "jax_network",
+    "jax_params",
+    "likelihood_spec",
+    "require_jax",
+]
 
 #: What the ImportError says when JAX or NumPyro is missing.
 JAX_INSTALL_HINT = (
@@ -73,111 +95,228 @@ def require_jax() -> tuple[ModuleType, ModuleType]:
     return jax, jnp
 
 
-@dataclass(frozen=True)
-class _JaxStep:
-    """One layer: ``kind`` ``linear`` (with slices into phi), ``activation`` or ``flatten``."""
-
-    path: str
-    kind: str
-    weight: slice | None = None
-    weight_shape: tuple[int, ...] = ()
-    bias: slice | None = None
-    activation: Callable[[Any], Any] | None = None
+# -- the network: one JAX function per plan step kind ------------------------------------------
+# Each maps (step, h (N, ...), {name: array}, mask (N,) or None) to the next h, for one task.
 
 
-def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    if not isinstance(module, nn.Sequential):
-        yield prefix.rstrip("."), module
-        return
-    for name, child in module.named_children():
-        yield from _leaves(child, f"{prefix}{name}.")
+def _linear(step: LinearStep, h: Any, p: Mapping[str, Any], mask: Any) -> Any:
+    h = h @ p[step.weight].T
+    return h if step.bias is None else h + p[step.bias]
 
 
-def _activation(module: nn.Module, jnp: ModuleType) -> Callable[[Any], Any] | None:
-    """The JAX form of a torch element-wise activation (same formula, same constants)."""
+def _conv2d(step: Conv2dStep, h: Any, p: Mapping[str, Any], mask: Any) -> Any:
+    from jax import lax
+
+    (ph, pw) = step.padding
+    y = lax.conv_general_dilated(
+        h,
+        p[step.weight],
+        window_strides=step.stride,
+        padding=((ph, ph), (pw, pw)),
+        rhs_dilation=step.dilation,
+        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        precision=lax.Precision.HIGHEST,
+    )
+    return y if step.bias is None else y + p[step.bias][:, None, None]
+
+
+def _batch_norm(step: BatchNormStep, h: Any, p: Mapping[str, Any], mask: Any) -> Any:
+    _, jnp = require_jax()
+    axes = (0, *range(2, h.ndim))  # points and positions, per channel
+    if mask is None:
+        mean = h.mean(axis=axes, keepdims=True)
+        var = ((h - mean) ** 2).mean(axis=axes, keepdims=True)
+    else:  # the statistics of the task's real points only
+        m = mask.reshape((-1,) + (1,) * (h.ndim - 1)).astype(h.dtype)
+        count = m.sum() * math.prod(h.shape[2:])
+        mean = (h * m).sum(axis=axes, keepdims=True) / count
+        var = (((h - mean) ** 2) * m).sum(axis=axes, keepdims=True) / count
+    y = (h - mean) / jnp.sqrt(var + step.eps)
+    shape = (1, h.shape[1]) + (1,) * (h.ndim - 2)
+    if step.weight is not None:
+        y = y * p[step.weight].reshape(shape)
+    if step.bias is not None:
+        y = y + p[step.bias].reshape(shape)
+    return y
+
+
+def _pool_extra(size: int, k: int, s: int, pad: int, d: int, ceil_mode: bool) -> int:
+    """Padding past ``pad`` on the far side that torch's ``ceil_mode`` adds (0 without it)."""
+    span = size + 2 * pad - d * (k - 1) - 1
+    if not ceil_mode:
+        return 0
+    out = -(-span // s) + 1
+    if (out - 1) * s >= size + pad:  # the last window must start inside the input or left pad
+        out -= 1
+    return max((out - 1) * s + d * (k - 1) + 1 - (size + 2 * pad), 0)
+
+
+def _pool(step: PoolStep, h: Any, p: Mapping[str, Any], mask: Any) -> Any:
+    from jax import lax
+
+    _, jnp = require_jax()
+    H, W = h.shape[-2:]
+    (kh, kw), (sh, sw) = step.kernel_size, step.stride
+    (ph, pw), (dh, dw) = step.padding, step.dilation
+    eh = _pool_extra(H, kh, sh, ph, dh, step.ceil_mode)
+    ew = _pool_extra(W, kw, sw, pw, dw, step.ceil_mode)
+    pads = ((0, 0), (0, 0), (ph, ph + eh), (pw, pw + ew))
+    window, strides = (1, 1, kh, kw), (1, 1, sh, sw)
+    if step.op == "max":
+        return lax.reduce_window(
+            h, -jnp.inf, lax.max, window, strides, pads, window_dilation=(1, 1, dh, dw)
+        )
+    total = lax.reduce_window(h, 0.0, lax.add, window, strides, pads)
+    if step.divisor_override is not None:
+        return total / step.divisor_override
+    # torch divides by the window's cells inside the padded input (count_include_pad) or
+    # inside the input itself, never counting the extra cells of ceil_mode
+    if step.count_include_pad:
+        cells = jnp.pad(jnp.ones((H + 2 * ph, W + 2 * pw), h.dtype), ((0, eh), (0, ew)))
+    else:
+        cells = jnp.pad(jnp.ones((H, W), h.dtype), ((ph, ph + eh), (pw, pw + ew)))
+    count = lax.reduce_window(cells, 0.0, lax.add, (kh, kw), (sh, sw), "VALID")
+    return total / count
+
+
+def _flatten(step: FlattenStep, h: Any, p: Mapping[str, Any], mask: Any) -> Any:
+    return h.reshape(h.shape[0], -1)
+
+
+@functools.cache
+def _jax_activations() -> dict[str, Callable[..., Any]]:
+    """The JAX form of every :data:`~hierbayes.models.network_plan.ACTIVATIONS` name (torch's
+    formulas and constants, keyword arguments as in ``torch.nn.functional``)."""
     import jax
 
-    if isinstance(module, nn.ReLU):
-        return lambda h: jnp.maximum(h, 0)
-    if isinstance(module, nn.Tanh):
-        return jnp.tanh
-    if isinstance(module, nn.Sigmoid):
-        return jax.nn.sigmoid
-    if isinstance(module, nn.Identity):
-        return lambda h: h
-    if isinstance(module, nn.SiLU):
-        return lambda h: h * jax.nn.sigmoid(h)
-    if isinstance(module, nn.ELU):
-        alpha = float(module.alpha)
-        return lambda h: jnp.where(h > 0, h, alpha * jnp.expm1(jnp.minimum(h, 0)))
-    if isinstance(module, nn.LeakyReLU):
-        slope = float(module.negative_slope)
-        return lambda h: jnp.where(h > 0, h, slope * h)
-    if isinstance(module, nn.GELU):
-        approximate = module.approximate == "tanh"
-        return lambda h: jax.nn.gelu(h, approximate=approximate)
-    if isinstance(module, nn.Softplus):
-        beta, threshold = float(module.beta), float(module.threshold)
-        return lambda h: jnp.where(h * beta > threshold, h, jnp.logaddexp(0.0, h * beta) / beta)
-    return None
-
-
-def _steps(module: nn.Module, layout: ParameterLayout, jnp: ModuleType) -> list[_JaxStep]:
-    steps: list[_JaxStep] = []
-    for path, leaf in _leaves(module):
-        prefix = f"{path}." if path else ""
-        if isinstance(leaf, nn.Linear):
-            bias = layout.slice(f"{prefix}bias") if leaf.bias is not None else None
-            steps.append(
-                _JaxStep(
-                    path,
-                    "linear",
-                    layout.slice(f"{prefix}weight"),
-                    tuple(leaf.weight.shape),
-                    bias,
-                )
-            )
-        elif isinstance(leaf, nn.Flatten) and leaf.start_dim == 1 and leaf.end_dim == -1:
-            steps.append(_JaxStep(path, "flatten"))
-        else:
-            fn = _activation(leaf, jnp)
-            if fn is None:
-                raise NotImplementedError(
-                    f"layer {path or '<root>'!r} ({type(leaf).__name__}) has no JAX translation: "
-                    "jax_log_density handles nn.Linear, nn.Flatten and element-wise activations "
-                    "(ReLU, Tanh, Sigmoid, ELU, GELU, SiLU, Softplus, LeakyReLU, Identity) in a "
-                    "(nested) nn.Sequential. Use hierbayes.inference.nuts_pyro, which runs any "
-                    "hierbayes model."
-                )
-            steps.append(_JaxStep(path, "activation", activation=fn))
-    return steps
-
-
-def jax_network(model: TaskModel) -> Callable[[Any, Any], Any]:
-    r"""The model's network as a pure JAX function ``f(phi, x)`` of one task.
-
-    ``phi`` is ``(D,)`` in the layout of ``model.net.layout`` and ``x`` ``(N, *input_shape)``;
-    the result is ``(N, *output_shape)``, equal to ``model.net(phi[None], x[None])[0]``.
-    """
     _, jnp = require_jax()
-    steps = _steps(model.net.module, model.net.layout, jnp)
 
-    def network(phi: Any, x: Any) -> Any:
+    def elu(h: Any, alpha: float) -> Any:
+        return jnp.where(h > 0, h, alpha * jnp.expm1(jnp.minimum(h, 0)))
+
+    def softplus(h: Any, beta: float, threshold: float) -> Any:
+        return jnp.where(h * beta > threshold, h, jnp.logaddexp(0.0, h * beta) / beta)
+
+    return {
+        "relu": lambda h: jnp.maximum(h, 0),
+        "tanh": jnp.tanh,
+        "sigmoid": jax.nn.sigmoid,
+        "silu": lambda h: h * jax.nn.sigmoid(h),
+        "identity": lambda h: h,
+        "elu": elu,
+        "leaky_relu": lambda h, negative_slope: jnp.where(h > 0, h, negative_slope * h),
+        "softplus": softplus,
+        "gelu": lambda h: jax.nn.gelu(h, approximate=False),
+        "gelu_tanh": lambda h: jax.nn.gelu(h, approximate=True),
+    }
+
+
+def _activation(step: ActivationStep, h: Any, p: Mapping[str, Any], mask: Any) -> Any:
+    return _jax_activations()[step.name](h, **step.kwargs)
+
+
+_JAX_STEPS: dict[str, Callable[[Any, Any, Mapping[str, Any], Any], Any]] = {
+    LinearStep.kind: _linear,
+    Conv2dStep.kind: _conv2d,
+    BatchNormStep.kind: _batch_norm,
+    PoolStep.kind: _pool,
+    FlattenStep.kind: _flatten,
+    ActivationStep.kind: _activation,
+}
+
+
+def _plan_of(model: TaskModel) -> tuple[PlanStep, ...]:
+    plan = model.net.plan
+    if plan is None:
+        raise NotImplementedError(
+            "the JAX density needs a network on BatchedNetwork's fast path (a (nested) "
+            "nn.Sequential of Linear, Conv2d, pooling, Flatten, batch norm and element-wise "
+            f"activations); {type(model.net.module).__name__} runs through torch.func.vmap and "
+            "has no JAX translation. Use hierbayes.inference.nuts_pyro, which runs any hierbayes "
+            "model."
+        )
+    return plan
+
+
+def jax_network(model: TaskModel) -> Callable[..., Any]:
+    r"""The model's network as a pure JAX function ``f(phi, x, mask=None)`` of one task.
+
+    ``phi`` is ``(D,)`` in the layout of ``model.net.layout`` (any entries after the network's
+    are ignored), ``x`` ``(N, *input_shape)`` and ``mask`` an optional ``(N,)`` boolean array of
+    real points (only batch norm reads it); the result is ``(N, *output_shape)``, equal to
+    ``model.net(phi[None], x[None])[0]``.
+
+    Raises
+    ------
+    NotImplementedError
+        When the network has no fast-path plan.
+    """
+    require_jax()
+    plan = _plan_of(model)
+    layout: ParameterLayout = model.net.layout
+    slices = {
+        name: (layout.slice(name), shape)
+        for name, shape in zip(layout.names, layout.shapes, strict=True)
+    }
+
+    def network(phi: Any, x: Any, mask: Any | None = None) -> Any:
+        p = {name: phi[sl].reshape(shape) for name, (sl, shape) in slices.items()}
         h = x
-        for step in steps:
-            if step.kind == "linear":
-                w = phi[step.weight].reshape(step.weight_shape)
-                h = h @ w.T
-                if step.bias is not None:
-                    h = h + phi[step.bias]
-            elif step.kind == "flatten":
-                h = h.reshape(h.shape[0], -1)
-            else:
-                assert step.activation is not None
-                h = step.activation(h)
+        for step in plan:
+            h = _JAX_STEPS[step.kind](step, h, p, mask)
         return h
 
     return network
+
+
+# -- the likelihood -----------------------------------------------------------------------------
+
+
+def likelihood_spec(likelihood: Likelihood) -> LikelihoodSpec:
+    """The likelihood's declared :class:`~hierbayes.models.likelihoods.LikelihoodSpec`.
+
+    Raises
+    ------
+    NotImplementedError
+        For a likelihood that declares none.
+    """
+    spec = likelihood.spec
+    if spec is None:
+        raise NotImplementedError(
+            f"{likelihood!r} declares no LikelihoodSpec, so it has no JAX translation (the "
+            "built-in GaussianLikelihood and CategoricalLikelihood do). Use "
+            "hierbayes.inference.nuts_pyro, which runs any hierbayes model."
+        )
+    return spec
+
+
+def _gaussian(spec: LikelihoodSpec, f: Any, y: Any, params: Mapping[str, Any], extra: Any) -> Any:
+    _, jnp = require_jax()
+    if spec.noise == "per_task":
+        log_sigma = extra[0]
+        sigma = jnp.exp(log_sigma)
+    else:
+        sigma = params["noise_scale"] if spec.noise == "learned" else spec.noise_scale
+        log_sigma = jnp.log(sigma)
+    z = (y - f) / sigma
+    return (-0.5 * z**2 - log_sigma - _HALF_LOG_2PI).reshape(f.shape[0], -1).sum(-1)
+
+
+def _categorical(
+    spec: LikelihoodSpec, f: Any, y: Any, params: Mapping[str, Any], extra: Any
+) -> Any:
+    import jax
+
+    _, jnp = require_jax()
+    log_p = jax.nn.log_softmax(f, axis=-1)
+    return jnp.take_along_axis(log_p, y[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+#: ``(spec, f (N, ...), y, params, the task's likelihood parameters) -> (N,)`` by ``kind``.
+_JAX_LIKELIHOODS: dict[str, Callable[[LikelihoodSpec, Any, Any, Mapping[str, Any], Any], Any]] = {
+    "gaussian": _gaussian,
+    "categorical": _categorical,
+}
 
 
 def jax_log_density(model: TaskModel) -> JaxLogDensity:
@@ -186,10 +325,10 @@ def jax_log_density(model: TaskModel) -> JaxLogDensity:
     Parameters
     ----------
     model:
-        A :class:`~hierbayes.models.TaskModel` whose network is a ``nn.Linear`` or a (nested)
-        ``nn.Sequential`` of ``Linear``, ``Flatten`` and element-wise activations, with a
-        :class:`~hierbayes.models.GaussianLikelihood` or
-        :class:`~hierbayes.models.CategoricalLikelihood`.
+        A :class:`~hierbayes.models.TaskModel` whose network has a fast-path plan
+        (:attr:`~hierbayes.models.network.BatchedNetwork.plan`) and whose likelihood has a
+        :class:`~hierbayes.models.likelihoods.LikelihoodSpec` (:class:`~hierbayes.models.GaussianLikelihood` with fixed,
+        learned or per-task noise, :class:`~hierbayes.models.CategoricalLikelihood`).
 
     Returns
     -------
@@ -203,53 +342,29 @@ def jax_log_density(model: TaskModel) -> JaxLogDensity:
     Raises
     ------
     NotImplementedError
-        For a layer or likelihood without a JAX translation.
+        For a network without a plan or a likelihood without a spec.
     """
     _, jnp = require_jax()
     network = jax_network(model)
     likelihood = model.likelihood
+    spec = likelihood_spec(likelihood)
+    log_likelihood = _JAX_LIKELIHOODS[spec.kind]
     D_net = model.net.num_params
     k = model.num_params - D_net  # the likelihood's per-task parameters after the network's
-    if isinstance(likelihood, GaussianLikelihood):
-        per_task = bool(getattr(likelihood, "per_task", False))
-        learned_noise, fixed_noise = likelihood.learned, likelihood.noise_scale
-        if k != (1 if per_task else 0):
-            raise NotImplementedError(
-                f"{likelihood!r} with {k} per-task likelihood parameters has no JAX translation"
-            )
-
-        def log_likelihood(f: Any, y: Any, params: Mapping[str, Any], extra: Any) -> Any:
-            if per_task:  # log sigma_j is the last entry of phi_j
-                log_sigma = extra[0]
-                sigma = jnp.exp(log_sigma)
-            else:
-                sigma = params["noise_scale"] if learned_noise else fixed_noise
-                log_sigma = jnp.log(sigma)
-            z = (y - f) / sigma
-            per_value = -0.5 * z**2 - log_sigma - _HALF_LOG_2PI
-            return per_value.reshape(f.shape[0], -1).sum(-1)
-
-    elif isinstance(likelihood, CategoricalLikelihood) and k == 0:
-
-        def log_likelihood(f: Any, y: Any, params: Mapping[str, Any], extra: Any) -> Any:
-            import jax
-
-            log_p = jax.nn.log_softmax(f, axis=-1)
-            return jnp.take_along_axis(log_p, y[:, None].astype(jnp.int32), axis=-1)[:, 0]
-
-    else:
+    expected = 1 if spec.noise == "per_task" else 0
+    if k != expected or likelihood.num_task_params != expected:
         raise NotImplementedError(
-            f"{likelihood!r} has no JAX translation; jax_log_density handles "
-            "GaussianLikelihood (fixed, learned or per-task noise) and CategoricalLikelihood. "
-            "Use hierbayes.inference.nuts_pyro."
+            f"{likelihood!r} with {k} per-task parameters in phi has no JAX translation; its "
+            f"description {spec} expects {expected}"
         )
     learned_prior_scale, fixed_prior_scale = model.learn_prior_scale, model.prior_scale_init
-    extra_scale = float(getattr(likelihood, "task_param_prior_scale", 1.0))
+    extra_scale = likelihood.task_param_prior_scale
 
     def log_density(
         phi: Any, x: Any, y: Any, params: Mapping[str, Any], mask: Any | None = None
     ) -> Any:
-        lp = log_likelihood(network(phi[:D_net], x), y, params, phi[D_net:])
+        f = network(phi[:D_net], x, mask)
+        lp = log_likelihood(spec, f, y, params, phi[D_net:])
         if mask is not None:
             lp = jnp.where(mask, lp, 0.0)
         scale = params["prior_scale"] if learned_prior_scale else fixed_prior_scale

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 import pyro.distributions as dist
 import torch
@@ -24,9 +26,25 @@ from torch import Tensor
 
 from hierbayes.errors import TaskDataError
 
-__all__ = ["CategoricalLikelihood", "GaussianLikelihood", "Likelihood"]
+__all__ = ["CategoricalLikelihood", "GaussianLikelihood", "Likelihood", "LikelihoodSpec"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class LikelihoodSpec:
+    r"""What a likelihood computes, as data: enough to write its log density in any backend.
+
+    ``kind`` ``"gaussian"``: :math:`\mathcal N(y; f, \sigma^2)` per value, with ``noise``
+    ``"fixed"`` (:math:`\sigma` = ``noise_scale``), ``"learned"`` (the global ``noise_scale``)
+    or ``"per_task"`` (:math:`\log\sigma_j` the task's first likelihood parameter in
+    :math:`\phi_j`). ``kind`` ``"categorical"``: :math:`\log\mathrm{softmax}(f)_y`, ``noise``
+    ``"none"``.
+    """
+
+    kind: Literal["gaussian", "categorical"]
+    noise: Literal["none", "fixed", "learned", "per_task"] = "none"
+    noise_scale: float = 1.0
 
 
 class Likelihood(ABC):
@@ -40,6 +58,13 @@ class Likelihood(ABC):
     num_task_params: int = 0
     #: Prior scale of those parameters around their mean in :math:`\theta`.
     task_param_prior_scale: float = 1.0
+
+    @property
+    def spec(self) -> LikelihoodSpec | None:
+        """What this likelihood computes, as data, for backends that write its density
+        themselves (the JAX density); ``None`` for a likelihood without one. A subclass that
+        changes the density must change (or drop) its spec too."""
+        return None
 
     def global_priors(self) -> dict[str, dist.Distribution]:
         """Hyperpriors of the likelihood's own global latents, by site name."""
@@ -145,6 +170,12 @@ class GaussianLikelihood(Likelihood):
     def __repr__(self) -> str:
         mode = "per_task" if self.per_task else ("learned" if self.learned else "fixed")
         return f"GaussianLikelihood(noise_scale={self.noise_scale}, {mode})"
+
+    @property
+    def spec(self) -> LikelihoodSpec:
+        if self.per_task:
+            return LikelihoodSpec("gaussian", "per_task", self.noise_scale)
+        return LikelihoodSpec("gaussian", "learned" if self.learned else "fixed", self.noise_scale)
 
     def global_priors(self) -> dict[str, dist.Distribution]:
         if not self.learned:
@@ -253,6 +284,10 @@ class CategoricalLikelihood(Likelihood):
 
     def __repr__(self) -> str:
         return "CategoricalLikelihood()"
+
+    @property
+    def spec(self) -> LikelihoodSpec:
+        return LikelihoodSpec("categorical")
 
     def distribution(self, f: Tensor, params: Mapping[str, Tensor]) -> dist.Distribution:
         return dist.Categorical(logits=f)

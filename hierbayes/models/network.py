@@ -12,10 +12,13 @@ the module's own parameters only supply the layout and the initial value
 :math:`\theta_0` (the module's own initialisation). Two implementations share one contract:
 
 * a fast path for (nested) ``nn.Sequential`` stacks of ``Linear``, ``Conv2d``, pooling,
-  ``Flatten``, batch norm and element-wise activations, written with batched matrix
-  products (``baddbmm``) and grouped convolutions, which can also record every
+  ``Flatten``, batch norm and element-wise activations. The module is read once into a
+  :attr:`BatchedNetwork.plan`, an immutable tuple of plain-data steps
+  (:mod:`hierbayes.models.network_plan`), which this module interprets with batched matrix
+  products (``baddbmm``) and grouped convolutions, recording on request every
   ``Linear``/``Conv2d`` layer's input and pre-activation output for the curvature backends
-  (generalised Gauss--Newton Gram matrices, K-FAC factors);
+  (generalised Gauss--Newton Gram matrices, K-FAC factors). The JAX density of
+  :mod:`hierbayes.models.jax_density` interprets the same plan;
 * ``torch.func.vmap`` over ``torch.func.functional_call`` for any other module.
 
 The tests check that both agree.
@@ -24,7 +27,7 @@ The tests check that both agree.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,7 +36,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-__all__ = ["BatchedNetwork", "LayerRecord", "ParameterLayout"]
+from hierbayes.models.network_plan import (
+    SUPPORTED_LAYERS,
+    ActivationStep,
+    Conv2dStep,
+    LinearStep,
+    PlanStep,
+    network_plan,
+    torch_step,
+)
+
+__all__ = ["BatchedNetwork", "LayerRecord", "ParameterLayout", "unfold_patches"]
 
 
 @dataclass(frozen=True)
@@ -108,95 +121,6 @@ class LayerRecord:
     module: nn.Module
 
 
-_ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Softplus,
-    nn.LeakyReLU,
-    nn.Identity,
-)
-_SUPPORTED: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv2d,
-    nn.Flatten,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    *_ELEMENTWISE,
-)
-
-
-def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    for name, child in module.named_children():
-        path = f"{prefix}{name}"
-        if isinstance(child, nn.Sequential):
-            yield from _leaves(child, path + ".")
-        else:
-            yield path, child
-
-
-_FUNCTIONAL: dict[type[nn.Module], Callable[[Tensor], Tensor]] = {
-    nn.ReLU: torch.relu,
-    nn.Tanh: torch.tanh,
-    nn.Sigmoid: torch.sigmoid,
-    nn.Identity: lambda h: h,
-}
-
-
-@dataclass(frozen=True)
-class _Step:
-    """One layer of the fast path, with the positions of its parameters in the layout."""
-
-    path: str
-    kind: str
-    module: nn.Module
-    weight: int | None = None
-    bias: int | None = None
-    weight_shape: tuple[int, ...] = ()
-    fn: Callable[[Tensor], Tensor] | None = None
-
-
-def _fast_plan(module: nn.Module, layout: ParameterLayout) -> list[_Step] | None:
-    """The layers of a supported ``nn.Sequential`` (or of one supported layer) as steps, or
-    ``None`` for the generic path."""
-    if isinstance(module, nn.Sequential):
-        leaves = list(_leaves(module))
-    elif type(module) in _SUPPORTED:
-        leaves = [("", module)]
-    else:
-        return None
-    index = {name: i for i, name in enumerate(layout.names)}
-    plan: list[_Step] = []
-    for path, leaf in leaves:
-        if type(leaf) not in _SUPPORTED:
-            return None
-        if isinstance(leaf, nn.Conv2d) and (
-            leaf.groups != 1 or leaf.padding_mode != "zeros" or isinstance(leaf.padding, str)
-        ):
-            return None
-        if isinstance(leaf, nn.Flatten) and (leaf.start_dim != 1 or leaf.end_dim != -1):
-            return None
-        prefix = f"{path}." if path else ""
-        w, b = index.get(f"{prefix}weight"), index.get(f"{prefix}bias")
-        if isinstance(leaf, (nn.Linear, nn.Conv2d)):
-            kind = "linear" if isinstance(leaf, nn.Linear) else "conv2d"
-            plan.append(_Step(path, kind, leaf, w, b, tuple(leaf.weight.shape)))
-        elif isinstance(leaf, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            plan.append(_Step(path, "batchnorm", leaf, w, b))
-        elif isinstance(leaf, nn.Flatten):
-            plan.append(_Step(path, "flatten", leaf))
-        elif isinstance(leaf, (nn.MaxPool2d, nn.AvgPool2d)):
-            plan.append(_Step(path, "pool", leaf))
-        else:
-            plan.append(_Step(path, "activation", leaf, fn=_FUNCTIONAL.get(type(leaf), leaf)))
-    return plan
-
-
 class BatchedNetwork:
     r"""Evaluate ``module`` at a batch of flat parameter vectors, one per task.
 
@@ -216,15 +140,35 @@ class BatchedNetwork:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.layout = ParameterLayout.from_module(module)
-        self._plan = _fast_plan(module, self.layout)
-        self._sizes = list(self.layout.sizes)
+        self._plan = network_plan(module, self.layout.names)
         self._backprop_supported = _backprop_plan(self._plan)
         self._buffers = dict(module.named_buffers())
+        # the modules of the weight layers, for LayerRecord.module
+        self._layers: dict[str, nn.Module] = {
+            step.path: module.get_submodule(step.path)
+            for step in self._plan or ()
+            if isinstance(step, (LinearStep, Conv2dStep))
+        }
 
     @property
     def num_params(self) -> int:
         """:math:`D`, the length of the flat parameter vector."""
         return self.layout.num_params
+
+    @property
+    def plan(self) -> tuple[PlanStep, ...] | None:
+        """The fast path's description: one immutable step per layer, in order
+        (:mod:`hierbayes.models.network_plan`), or ``None`` when the module runs through
+        ``torch.func.vmap`` instead. Parameters are named as in :attr:`layout`."""
+        return self._plan
+
+    @property
+    def has_batch_norm(self) -> bool:
+        """Whether the module normalises each task's batch of points (any batch-norm layer)."""
+        return any(
+            isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+            for m in self.module.modules()
+        )
 
     @property
     def has_fast_path(self) -> bool:
@@ -252,7 +196,8 @@ class BatchedNetwork:
         self._check(phi, x)
         if self._plan is None:
             raise NotImplementedError(
-                f"layer records need a plain nn.Sequential of {[c.__name__ for c in _SUPPORTED]}; "
+                "layer records need a plain nn.Sequential of "
+                f"{[c.__name__ for c in SUPPORTED_LAYERS]}; "
                 f"{type(self.module).__name__} runs through torch.func.vmap instead. Use a "
                 "curvature backend that needs no layer structure ('full' or 'ggn' with "
                 "jacobian='autograd')."
@@ -277,24 +222,25 @@ class BatchedNetwork:
         if self._plan is None or not self._backprop_supported:
             return None
         T = phi.shape[0]
-        parts = torch.split(phi, self._sizes, dim=-1)
-        linear = [step for step in self._plan if step.kind == "linear"]
+        params = self.layout.unflatten(phi)
+        linear = [step for step in self._plan if isinstance(step, LinearStep)]
         if len(linear) != len(records) or any(r.inputs.dim() != 3 for r in records):
             return None
         grads: list[Tensor] = [seed] * len(records)
         current = seed  # gradient with respect to the output of the last step seen
         index = len(records) - 1
         for step in reversed(self._plan):
-            if step.kind == "linear":
+            if isinstance(step, LinearStep):
                 grads[index] = current
-                w = parts[step.weight].view(T, *step.weight_shape)  # type: ignore[index]
+                w = params[step.weight]  # (T, out, in)
                 N, K = current.shape[1], current.shape[2]
                 # one batched product per task: (T, N·K, out) @ (T, out, in)
                 current = torch.bmm(current.reshape(T, N * K, -1), w).reshape(T, N, K, -1)
                 index -= 1
-            else:  # an activation right after linear layer index+1... i.e. the record at index
-                s_pre = records[index].outputs  # its input: the previous linear layer's output
-                current = current * _activation_derivative(step.module, s_pre).unsqueeze(2)
+            else:  # an activation right after linear layer `index`, whose output is its input
+                assert isinstance(step, ActivationStep)
+                s_pre = records[index].outputs
+                current = current * _activation_derivative(step, s_pre).unsqueeze(2)
         return grads
 
     def vmapped(self, phi: Tensor, x: Tensor) -> Tensor:
@@ -328,119 +274,84 @@ class BatchedNetwork:
         self, phi: Tensor, x: Tensor, *, record: bool
     ) -> tuple[Tensor, list[LayerRecord]]:
         assert self._plan is not None
-        T = phi.shape[0]
-        parts = torch.split(phi, self._sizes, dim=-1)
+        params = self.layout.unflatten(phi)  # {name: (T, *shape)}
         records: list[LayerRecord] = []
         h = x
         for step in self._plan:
-            kind = step.kind
-            if kind == "activation":
-                h = step.fn(h)  # type: ignore[misc]
-            elif kind == "linear" or kind == "conv2d":
-                w = parts[step.weight].view(T, *step.weight_shape)  # type: ignore[index]
-                b = None if step.bias is None else parts[step.bias]
-                a = h
-                if kind == "linear":
-                    h = _batched_linear(a, w, b)
-                else:
-                    h = _batched_conv2d(a, w, b, step.module)  # type: ignore[arg-type]
-                if record:
-                    names = self.layout.names
-                    records.append(
-                        LayerRecord(
-                            step.path,
-                            kind,  # type: ignore[arg-type]
-                            names[step.weight],  # type: ignore[index]
-                            None if step.bias is None else names[step.bias],
-                            a,
-                            h,
-                            step.module,
-                        )
+            a = h
+            h = torch_step(step, h, params)
+            if record and isinstance(step, (LinearStep, Conv2dStep)):
+                records.append(
+                    LayerRecord(
+                        step.path,
+                        "linear" if isinstance(step, LinearStep) else "conv2d",
+                        step.weight,
+                        step.bias,
+                        a,
+                        h,
+                        self._layers[step.path],
                     )
-            elif kind == "batchnorm":
-                scale = None if step.weight is None else parts[step.weight]
-                shift = None if step.bias is None else parts[step.bias]
-                h = _batched_batch_norm(h, scale, shift, step.module.eps)  # type: ignore[arg-type]
-            elif kind == "flatten":
-                h = h.reshape(h.shape[0], h.shape[1], -1)
-            else:  # pooling over each task's points
-                n = h.shape[1]
-                y = step.module(h.reshape(T * n, *h.shape[2:]))
-                h = y.reshape(T, n, *y.shape[1:])
+                )
         return h, records
 
 
-_DERIVATIVE_KNOWN = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+def unfold_patches(inputs: Tensor, conv: nn.Conv2d) -> Tensor:
+    r"""The input patches each output position of ``conv`` sees (im2col).
+
+    ``inputs`` ``(..., C_in, H, W)`` gives ``(..., C_in·kh·kw, P)`` with ``P`` the number of
+    output positions, ordered as ``conv.weight.reshape(C_out, -1)``'s columns, so the
+    convolution's output is ``weight.reshape(C_out, -1) @ patches`` (plus the bias). Used for
+    per-example weight gradients (Jacobian rows) and K-FAC's input factors of convolutions
+    (Grosse & Martens 2016).
+    """
+    if isinstance(conv.padding, str):
+        raise ValueError(
+            f"unfold_patches needs numeric padding; got padding={conv.padding!r}, which the "
+            "fast-path plan excludes"
+        )
+    if conv.groups != 1:
+        raise ValueError(f"unfold_patches needs groups=1; got groups={conv.groups}")
+    batch = inputs.shape[:-3]
+    patches = F.unfold(
+        inputs.reshape(-1, *inputs.shape[-3:]),
+        conv.kernel_size,
+        dilation=conv.dilation,
+        padding=conv.padding,
+        stride=conv.stride,
+    )
+    return patches.reshape(*batch, *patches.shape[1:])
 
 
-def _backprop_plan(plan: list[_Step] | None) -> bool:
+# -- explicit back-propagation through Linear stacks -----------------------------------------
+
+_DERIVATIVE_KNOWN = frozenset({"relu", "leaky_relu", "tanh", "sigmoid", "identity"})
+
+
+def _backprop_plan(plan: tuple[PlanStep, ...] | None) -> bool:
     """Whether the plan is Linear layers, each followed by at most one known activation."""
-    if plan is None or not plan or plan[0].kind != "linear":
+    if not plan or not isinstance(plan[0], LinearStep):
         return False
-    previous = ""
+    previous: PlanStep | None = None
     for step in plan:
-        if step.kind == "activation":
-            if previous != "linear" or not isinstance(step.module, _DERIVATIVE_KNOWN):
+        if isinstance(step, ActivationStep):
+            if not isinstance(previous, LinearStep) or step.name not in _DERIVATIVE_KNOWN:
                 return False
-        elif step.kind != "linear":
+        elif not isinstance(step, LinearStep):
             return False
-        previous = step.kind
+        previous = step
     return True
 
 
-def _activation_derivative(module: nn.Module, s: Tensor) -> Tensor:
+def _activation_derivative(step: ActivationStep, s: Tensor) -> Tensor:
     """The derivative of an element-wise activation at its input ``s``."""
-    if isinstance(module, nn.ReLU):
+    if step.name == "relu":
         return (s > 0).to(s.dtype)
-    if isinstance(module, nn.LeakyReLU):
-        return torch.where(s > 0, torch.ones_like(s), torch.full_like(s, module.negative_slope))
-    if isinstance(module, nn.Tanh):
+    if step.name == "leaky_relu":
+        slope = step.kwargs["negative_slope"]
+        return torch.where(s > 0, torch.ones_like(s), torch.full_like(s, slope))
+    if step.name == "tanh":
         return 1 - torch.tanh(s).square()
-    if isinstance(module, nn.Sigmoid):
+    if step.name == "sigmoid":
         sig = torch.sigmoid(s)
         return sig * (1 - sig)
     return torch.ones_like(s)
-
-
-def _batched_linear(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``a`` ``(T, N, ..., in)``, ``w`` ``(T, out, in)``, ``b`` ``(T, out)``."""
-    flat = a if a.dim() == 3 else a.reshape(a.shape[0], -1, a.shape[-1])
-    if b is None:
-        y = torch.bmm(flat, w.transpose(1, 2))
-    else:
-        y = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))
-    return y if a.dim() == 3 else y.reshape(*a.shape[:-1], w.shape[1])
-
-
-def _batched_conv2d(a: Tensor, w: Tensor, b: Tensor | None, conv: nn.Conv2d) -> Tensor:
-    """Grouped convolution: task ``t``'s filters see only task ``t``'s channels."""
-    T, N = a.shape[0], a.shape[1]
-    c_out = w.shape[1]
-    x = a.transpose(0, 1).reshape(N, T * a.shape[2], *a.shape[3:])
-    y = F.conv2d(
-        x,
-        w.reshape(T * c_out, *w.shape[2:]),
-        None if b is None else b.reshape(T * c_out),
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=T,
-    )
-    return y.reshape(N, T, c_out, *y.shape[2:]).transpose(0, 1)
-
-
-def _batched_batch_norm(
-    h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
-    """Normalise with each task's own batch statistics over points (and spatial positions)."""
-    T, C = h.shape[0], h.shape[2]
-    reduce_dims = [1, *range(3, h.dim())]
-    mean = h.mean(dim=reduce_dims, keepdim=True)
-    var = h.var(dim=reduce_dims, keepdim=True, unbiased=False)
-    y = (h - mean) / torch.sqrt(var + eps)
-    shape = (T, 1, C) + (1,) * (h.dim() - 3)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y

@@ -29,12 +29,12 @@ from abc import ABC, abstractmethod
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hierbayes.errors import ModelContractError
 from hierbayes.inference.curvature.base import CurvatureInputs, row_constant
-from hierbayes.models.network import LayerRecord, ParameterLayout
+from hierbayes.models.density import NetworkDensity
+from hierbayes.models.network import LayerRecord, ParameterLayout, unfold_patches
 
 __all__ = ["DenseJacobian", "LayerJacobian", "OutputJacobian", "output_jacobian"]
 
@@ -128,15 +128,8 @@ class LayerJacobian(OutputJacobian):
 
     def _conv_blocks(self, rec: LayerRecord, g: Tensor) -> tuple[Tensor, Tensor]:
         """Per-row weight and bias gradients of a convolution: ``(T, R, out*in*k*k)``, ``(T, R, out)``."""
-        conv = cast(nn.Conv2d, rec.module)
         T, N = rec.inputs.shape[:2]
-        patches = F.unfold(
-            rec.inputs.reshape(T * N, *rec.inputs.shape[2:]),
-            conv.kernel_size,
-            dilation=conv.dilation,
-            padding=cast(tuple[int, ...], conv.padding),  # strings are excluded by the plan
-            stride=conv.stride,
-        ).reshape(T, N, -1, g.shape[-1] * g.shape[-2])
+        patches = unfold_patches(rec.inputs, cast(nn.Conv2d, rec.module))  # (T, N, in*k*k, P)
         gk = g.reshape(T, N, g.shape[2], g.shape[3], -1)  # (T, N, K, out, positions)
         w = torch.einsum("tnkop,tnip->tnkoi", gk, patches).reshape(T, self.num_rows, -1)
         b = gk.sum(-1).reshape(T, self.num_rows, -1)
@@ -302,14 +295,16 @@ class LayerJacobian(OutputJacobian):
 
 def _output_factor(inputs: CurvatureInputs, phi: Tensor, f: Tensor) -> Tensor:
     """``L`` with ``Λ = L Lᵀ`` per point, ``(T, N, C, K)``."""
-    output_factor = getattr(inputs.density, "output_factor", None)
-    if output_factor is None:
+    return _network_density(inputs.density).output_factor(inputs.params, phi, f)
+
+
+def _network_density(density: object) -> NetworkDensity:
+    if not isinstance(density, NetworkDensity):
         raise ModelContractError(
-            "GGN, diagonal and K-FAC curvature need the model's likelihood (a hierbayes "
-            "TaskModel, e.g. NeuralRegression); for another Pyro program use curvature='full'"
+            "output Jacobians need a network model (the NetworkDensity protocol: a hierbayes "
+            "TaskModel such as NeuralRegression); for another Pyro program use curvature='full'"
         )
-    factor: Tensor = output_factor(inputs.params, phi, f)
-    return factor
+    return density
 
 
 def output_jacobian(
@@ -335,33 +330,29 @@ def output_jacobian(
     """
     x = inputs.x if x is None else x
     mask = inputs.mask if x is inputs.x and mask is None else mask
-    density = inputs.density
-    network = getattr(density, "network", None)
-    if network is None:
-        raise ModelContractError(
-            "this curvature needs the model's network (a hierbayes TaskModel); for another Pyro "
-            "program use curvature='full'"
-        )
+    density = _network_density(inputs.density)
+    network = density.network
     phi = inputs.phi
     cg = inputs.create_graph
-    has_bn = any(step.kind == "batchnorm" for step in (network._plan or []))
+    has_bn = network.has_batch_norm
     use_layers = method == "layers" or (method == "auto" and network.has_fast_path and not has_bn)
     if method == "layers" and (not network.has_fast_path or has_bn):
         raise NotImplementedError(
             "layer-wise Jacobians need a Linear/Conv2d stack without batch norm (batch "
             "statistics couple the points); use method='autograd'"
         )
-    key = (id(x), whiten, "layers" if use_layers else "autograd", id(mask))
-    if key in inputs.cache:
-        cached_jac, cached_f = inputs.cache[key]
-        return cached_jac, cached_f  # type: ignore[return-value]
+    given = inputs.precomputed
+    if given is not None and whiten and x is inputs.x and mask is inputs.mask:
+        jac_given, f_given = given
+        if not use_layers or isinstance(jac_given, LayerJacobian):
+            return jac_given, f_given
     with torch.enable_grad():
         if not phi.requires_grad:
             phi = phi.detach().requires_grad_(True)
         if use_layers:
-            f, records = density.outputs_with_records(inputs.params, phi, x)  # type: ignore[attr-defined]
+            f, records = density.outputs_with_records(inputs.params, phi, x)
         else:
-            f, records = density.outputs(inputs.params, phi, x), []  # type: ignore[attr-defined]
+            f, records = density.outputs(inputs.params, phi, x), []
         T, N = f.shape[:2]
         f3 = f.reshape(T, N, -1)
         C = f3.shape[-1]

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from hierbayes.errors import ModelContractError
 from hierbayes.inference.curvature.base import CurvatureEstimate, CurvatureInputs, row_constant
 from hierbayes.inference.curvature.jacobian import LayerJacobian, output_jacobian
+from hierbayes.models.network import unfold_patches
 
 __all__ = ["EigenKroneckerBlock", "KFACCurvature", "KroneckerBlock", "kfac"]
 
@@ -319,17 +320,8 @@ def kfac(inputs: CurvatureInputs) -> KFACCurvature:
             a = rec.inputs.reshape(T, N, -1, rec.inputs.shape[-1])  # (T, N, positions, in)
             gg = g.reshape(T, N, g.shape[2], -1, g.shape[-1])  # (T, N, K, positions, out)
         else:
-            conv = cast(nn.Conv2d, rec.module)
-            patches = F.unfold(
-                rec.inputs.reshape(T * N, *rec.inputs.shape[2:]),
-                conv.kernel_size,
-                dilation=conv.dilation,
-                padding=cast(tuple[int, ...], conv.padding),  # strings are excluded by the plan
-                stride=conv.stride,
-            )
-            a = patches.reshape(T, N, patches.shape[1], -1).transpose(
-                2, 3
-            )  # (T, N, positions, in*k*k)
+            patches = unfold_patches(rec.inputs, cast(nn.Conv2d, rec.module))
+            a = patches.transpose(2, 3)  # (T, N, positions, in*k*k)
             gg = g.reshape(T, N, g.shape[2], g.shape[3], -1).transpose(
                 3, 4
             )  # (T, N, K, positions, out)
