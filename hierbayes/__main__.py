@@ -1,6 +1,13 @@
 """Command line: ``python -m hierbayes {demo,sinusoid,...} --out DIR``.
 
 Every command writes ``DIR/metrics.json`` (and figures) and prints a short report.
+
+The commands run with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is already set (idle
+OpenMP threads sleep instead of spinning; BENCHMARKS.md was measured so). OpenMP reads the
+variable once, when torch loads its runtime, and ``python -m hierbayes`` imports the
+``hierbayes`` package, and with it torch, before this module runs. So when the variable is
+unset the command sets it and, on POSIX systems, restarts the interpreter once with the same
+arguments; on other systems set it in the environment before starting Python.
 """
 
 from __future__ import annotations
@@ -13,7 +20,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["console_main", "main"]
+
+
+def _use_passive_openmp_wait_policy() -> None:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless it is set, restarting if torch is already loaded.
+
+    Runs only when this module is the program (``python -m hierbayes`` or the ``hierbayes``
+    script), never on import or from :func:`main`. The restart replaces the process
+    (:func:`os.execv`) with the same interpreter, interpreter options and arguments
+    (:data:`sys.orig_argv`); the variable is set by then, so it happens at most once.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "torch" in sys.modules and os.name == "posix" and sys.executable:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+if __name__ == "__main__":
+    _use_passive_openmp_wait_policy()
 
 
 def _threads(n: int) -> None:
@@ -206,7 +234,6 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _threads(args.threads)
     from hierbayes.experiments import compare, linear
 
@@ -218,6 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     handlers[args.command](args)
     return 0
+
+
+def console_main() -> int:
+    """The ``hierbayes`` console script: :func:`main` with ``OMP_WAIT_POLICY=PASSIVE`` (above)."""
+    _use_passive_openmp_wait_policy()
+    return main()
 
 
 if __name__ == "__main__":

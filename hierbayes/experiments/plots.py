@@ -1,20 +1,39 @@
-"""Figures of the experiments (matplotlib, written as PNG; no display needed)."""
+"""Figures of the sinusoid experiment, and the canvas every experiment draws on.
+
+Every figure is a :class:`matplotlib.figure.Figure` on its own Agg canvas (:func:`agg_figure`),
+written as PNG: no pyplot, no display, and the user's matplotlib backend is never changed, on
+import or when drawing. matplotlib is imported only when a figure is drawn.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
-from hierbayes.inference import FitResult, GaussianPrediction
+from hierbayes.inference import FitResult, GaussianPrediction, LaplacePosterior
+from hierbayes.models.density import NetworkDensity
 from hierbayes.tasks import SinusoidTasks, TaskBatch
 
-__all__ = ["plot_ambiguous_tasks", "plot_sinusoid_tasks"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["agg_figure", "plot_ambiguous_tasks", "plot_sinusoid_tasks"]
+
+
+def agg_figure(width: float, height: float) -> Figure:
+    """A figure of ``width`` x ``height`` inches on its own Agg canvas, outside pyplot.
+
+    Nothing global changes (no backend selection, no pyplot figure registry, nothing to close);
+    ``fig.savefig`` renders with Agg whatever backend the user has selected.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_sinusoid_tasks(
@@ -38,7 +57,8 @@ def plot_sinusoid_tasks(
     after = result.adapt(sub).predict(x.to(result.device))
     cols = min(num_tasks, 4)
     rows = (num_tasks + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    fig = agg_figure(4 * cols, 3.2 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= sub.num_tasks:
             ax.axis("off")
@@ -88,7 +108,6 @@ def plot_sinusoid_tasks(
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
@@ -104,9 +123,15 @@ def plot_ambiguous_tasks(
 ) -> Path:
     """Held-out tasks with only 2 to 5 support points: the Laplace predictive band and sampled
     functions around the true curve, next to MAML's single adapted curve (Grant et al. 2018,
-    Figure 2 in spirit)."""
+    Figure 2 in spirit).
+
+    Functions sampled from the posterior are drawn where it is a
+    :class:`~hierbayes.inference.LaplacePosterior` over a network
+    (:class:`~hierbayes.models.density.NetworkDensity`).
+    """
     generator = torch.Generator().manual_seed(20180430 + seed)
-    fig, axes = plt.subplots(1, len(shots), figsize=(4 * len(shots), 3.4), squeeze=False)
+    fig = agg_figure(4 * len(shots), 3.4)
+    axes = fig.subplots(1, len(shots), squeeze=False)
     grid = torch.linspace(-5, 5, 200, dtype=torch.get_default_dtype())
     for ax, k in zip(axes.flat, shots, strict=True):
         task = SinusoidTasks(shots=k, query_shots=1).sample(1, generator=generator)
@@ -132,10 +157,12 @@ def plot_ambiguous_tasks(
             lw=1.5,
             label=f"{result.method} mean",
         )
-        if hasattr(posterior, "curvature"):
+        if isinstance(posterior, LaplacePosterior) and isinstance(
+            posterior.density, NetworkDensity
+        ):
             draws = posterior.sample(num_samples, generator=torch.Generator().manual_seed(seed + k))
             with torch.no_grad():
-                f = cast(Any, posterior.density).outputs(
+                f = posterior.density.outputs(
                     posterior.params, draws[:, 0], x.expand(num_samples, -1, -1).to(result.device)
                 )
             for s in range(num_samples):
@@ -175,5 +202,4 @@ def plot_ambiguous_tasks(
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out

@@ -11,19 +11,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hierbayes.inference.linear_gaussian.theory import (
+from hierbayes.inference.linear_gaussian.gradient_descent import gradient_descent_affine_map
+from hierbayes.inference.linear_gaussian.linalg import cholesky
+from hierbayes.inference.linear_gaussian.validation import (
     Scalar,
-    _check_design,
-    _chol,
-    _positive,
-    _targets,
-    gradient_descent_affine_map,
+    check_design,
+    check_positive,
+    target_vector,
 )
 
 __all__ = ["ThetaEstimate", "empirical_bayes_theta", "maml_theta"]
-
-
-# -- estimators of θ from J tasks ------------------------------------------------------------------
 
 
 class ThetaEstimate(NamedTuple):
@@ -49,14 +46,14 @@ class ThetaEstimate(NamedTuple):
         ``truth``."""
         if self.covariance is None:
             raise ValueError("this estimate was computed without its covariance")
-        L = _chol(self.covariance, "the covariance of the estimate")
+        L = cholesky(self.covariance, "the covariance of the estimate")
         diff = (self.theta - truth).unsqueeze(-1)
         z = torch.linalg.solve_triangular(L, diff, upper=False)[..., 0]
         return z.square().sum(-1)
 
 
 def _solve_normal_equations(F: Tensor, b: Tensor, what: str) -> tuple[Tensor, Tensor]:
-    L = _chol(F, what)
+    L = cholesky(F, what)
     return torch.cholesky_solve(b.unsqueeze(-1), L)[..., 0], torch.cholesky_inverse(L)
 
 
@@ -100,16 +97,16 @@ def empirical_bayes_theta(
     ThetaEstimate
         :math:`\hat\theta` ``(..., D)`` and its covariance ``(..., D, D)``.
     """
-    _check_design(X)
+    check_design(X)
     if X.dim() < 3:
         raise ValueError(f"X must have shape (..., J, N, D) (J tasks); got {tuple(X.shape)}")
-    _positive(noise_scale, "noise_scale")
-    t = _targets(y, X)
+    check_positive(noise_scale, "noise_scale")
+    t = target_vector(y, X)
     N = X.shape[-2]
     sigma2 = torch.as_tensor(noise_scale, dtype=X.dtype, device=X.device) ** 2
     S = X @ prior_covariance @ X.mT
     S = 0.5 * (S + S.mT) + sigma2 * torch.eye(N, dtype=X.dtype, device=X.device)
-    L = _chol(S, "the marginal covariance σ²I + XQX^T")
+    L = cholesky(S, "the marginal covariance σ²I + XQX^T")
     Z = torch.linalg.solve_triangular(L, X, upper=False)  # L^{-1} X_j
     w = torch.linalg.solve_triangular(L, t.unsqueeze(-1), upper=False)  # L^{-1} y_j
     F = (Z.mT @ Z).sum(-3)
@@ -167,11 +164,11 @@ def maml_theta(
         :math:`\Sigma_\phi` ``(D, D)``, for the covariance; without it ``covariance`` is ``None``.
     """
     for name, value in (("support_X", support_X), ("query_X", query_X)):
-        _check_design(value)
+        check_design(value)
         if value.dim() < 3:
             raise ValueError(f"{name} must have shape (..., J, N, D); got {tuple(value.shape)}")
-    ts = _targets(support_y, support_X, "support_y")
-    tq = _targets(query_y, query_X, "query_y")
+    ts = target_vector(support_y, support_X, "support_y")
+    tq = target_vector(query_y, query_X, "query_y")
     amap = gradient_descent_affine_map(
         support_X,
         noise_scale=noise_scale,
