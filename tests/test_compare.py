@@ -27,9 +27,8 @@ from hierbayes.inference import PointMassPosterior, TaskPosterior
 from hierbayes.inference.evaluation.compare import (
     ReferenceNotConvergedWarning,
     compare_approximations,
-    symmetric_sqrt,
-    wasserstein2_gaussian,
 )
+from hierbayes.inference.evaluation.wasserstein import symmetric_sqrt, wasserstein2_gaussian
 from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.inference.reference.meanfield import meanfield_vi
 from hierbayes.inference.reference.nuts import nuts_numpyro
@@ -347,3 +346,114 @@ def test_compare_command_quick(tmp_path: Path) -> None:
     }
     assert "exact" in metrics["linear"]["approximations"]
     assert report["sinusoid"]["approximations"]["maml"]["figures"]["forest"].endswith(".png")
+
+
+# -- Gaussian posteriors: sampling from a generator, the linearised predictive -------------------
+
+
+def gaussian_posteriors(per_task_noise: bool = False):  # type: ignore[no-untyped-def]
+    """A tanh network's density, and a dense and a mean-field Gaussian posterior of 3 tasks."""
+    from hierbayes.inference.posteriors.gaussian import GaussianPosterior
+    from hierbayes.inference.reference.meanfield import MeanFieldPosterior
+    from hierbayes.models import GaussianLikelihood, TaskModel
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    model = TaskModel(net, GaussianLikelihood(0.3, per_task=per_task_noise))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 9, 1, generator=g)
+    y = torch.randn(3, 9, 1, generator=g)
+    density = model.task_density(model_structure(model, x[:, :5], y[:, :5]))
+    D = model.num_params
+    mean = model.theta_init + 0.2 * torch.randn(3, D, generator=g)
+    A = torch.randn(3, D, D, generator=g)
+    cov = 0.05 * (A @ A.transpose(1, 2) / D + 0.1 * torch.eye(D))
+    params = dict(model.initial_values())
+    dense = GaussianPosterior(density, params, mean, cov)
+    scale = 0.1 + torch.rand(3, D, generator=g)
+    meanfield = MeanFieldPosterior(density, params, mean, scale)
+    return density, params, x[:, 5:], dense, meanfield
+
+
+@pytest.mark.parametrize("kind", ["dense", "meanfield"])
+def test_gaussian_posteriors_draw_from_the_generator_given(kind: str) -> None:
+    *_, dense, meanfield = gaussian_posteriors()
+    posterior = dense if kind == "dense" else meanfield
+    state = torch.random.get_rng_state()
+    a = posterior.sample(25, generator=torch.Generator().manual_seed(5))
+    b = posterior.sample(25, generator=torch.Generator().manual_seed(5))
+    c = posterior.sample(25, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is untouched
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    assert a.shape == (25, *posterior.mean.shape) and a.dtype == posterior.mean.dtype
+    # the draws are mean + L z with z standard normal from that generator
+    z = torch.randn((25, *posterior.mean.shape), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, posterior.transform_noise(z), rtol=0, atol=0)
+    # the sampled predictive is reproducible from a generator too
+    x = torch.randn(3, 4, 1)
+    p1 = posterior.predict(x, num_samples=10, generator=torch.Generator().manual_seed(2))
+    p2 = posterior.predict(x, num_samples=10, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(p1.mean, p2.mean, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gaussian_posteriors_draw_on_their_device() -> None:
+    from hierbayes.inference.posteriors.gaussian import GaussianPosterior
+
+    density, params, _, dense, _ = gaussian_posteriors()
+    device = torch.device("cuda")
+    posterior = GaussianPosterior(
+        density, params, dense.mean.to(device), dense.covariance().to(device)
+    )
+    draws = posterior.sample(8, generator=torch.Generator(device=device).manual_seed(0))
+    assert draws.device.type == "cuda"
+
+
+def autograd_linearized_variance(density: Any, params: Any, mean: Tensor, x: Tensor, cov: Tensor):  # type: ignore[no-untyped-def]
+    r"""diag(J Σ Jᵀ) task by task, J by ``torch.autograd.functional.jacobian`` of the network
+    outputs: the loop the vectorised predictive replaced."""
+    out = []
+    for t in range(mean.shape[0]):
+
+        def f(phi: Tensor, t: int = t) -> Tensor:
+            return density.outputs(params, phi[None], x[t : t + 1]).reshape(-1)
+
+        J = torch.autograd.functional.jacobian(f, mean[t])
+        out.append(torch.einsum("rd,de,re->r", J, cov[t], J))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("per_task_noise", [False, True])
+def test_linearized_predictive_matches_per_task_autograd(per_task_noise: bool) -> None:
+    density, params, x, dense, meanfield = gaussian_posteriors(per_task_noise)
+    for posterior in (dense, meanfield):
+        prediction = posterior.predict(x, method="linearized")
+        cov = posterior.covariance()
+        expected = autograd_linearized_variance(density, params, posterior.mean, x, cov)
+        noise = density.predictive(params, posterior.mean, x).variance  # (T, M) or (T, M, 1)
+        torch.testing.assert_close(
+            prediction.variance.reshape(3, -1),
+            expected + noise.reshape(3, -1),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+        torch.testing.assert_close(
+            prediction.mean, density.outputs(params, posterior.mean, x), rtol=1e-12, atol=1e-12
+        )
+
+
+def test_linearized_predictive_needs_a_network() -> None:
+    from hierbayes.errors import ModelContractError
+    from hierbayes.inference.posteriors.gaussian import GaussianPosterior
+    from hierbayes.models import PyroTaskDensity
+    from tests.test_nuts import linear_problem, linear_program
+
+    tasks, _, params, mean, cov = linear_problem(T=2)
+    structure = model_structure(linear_program, tasks.support_x, tasks.support_y)
+    density = PyroTaskDensity(linear_program, structure)
+    posterior = GaussianPosterior(density, params, mean, cov)
+    with pytest.raises(ModelContractError, match="sampled"):
+        posterior.predict(tasks.query_x, method="linearized")
+    sampled = posterior.predict(tasks.query_x, num_samples=50)  # sampling needs no network
+    assert sampled.mean.shape == (2, 4, 1)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference import MixturePrediction
+from hierbayes.inference.evaluation.arviz_bridge import convergence_diagnostics
 from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.inference.reference.nuts import initial_points, nuts_numpyro, nuts_pyro
 from hierbayes.models import BayesianLinearRegression, model_structure
@@ -125,7 +126,9 @@ def test_rhat_flags_chains_that_disagree() -> None:
     draws = torch.randn(4, 200, 3, 3, generator=g)
     draws[2:, :, 1, 0] += 3.0  # task 1: two chains elsewhere
     draws[:, :, 2, 2] = 0.7  # task 2: constant chains, R-hat undefined
-    posterior = SamplePosterior(density, params, draws, engine="test")
+    posterior = SamplePosterior(
+        density, params, draws, engine="test", diagnostics=convergence_diagnostics(draws)
+    )
     rhat = posterior.rhat_max
     assert float(rhat[0]) < 1.01
     assert float(rhat[1]) > 1.5
@@ -165,3 +168,104 @@ def test_jax_and_arviz_stay_optional_at_import() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_sample_posterior_without_diagnostics_says_how_to_get_them() -> None:
+    tasks, model, params, _, _ = linear_problem(T=2)
+    density = model.task_density(model_structure(model, tasks.support_x, tasks.support_y))
+    draws = torch.randn(2, 40, 2, 3, generator=torch.Generator().manual_seed(4))
+    bare = SamplePosterior(density, params, draws, engine="test")
+    assert not bare.has_diagnostics
+    with pytest.raises(ValueError, match="convergence_diagnostics"):
+        _ = bare.flagged
+    found = convergence_diagnostics(draws)
+    posterior = bare.with_diagnostics(found)
+    assert posterior.has_diagnostics and posterior.engine == "test"
+    torch.testing.assert_close(posterior.diagnostics()["rhat"], found["rhat"])
+    with pytest.raises(ValueError, match=r"\(tasks, parameters\)"):
+        bare.with_diagnostics({k: v[:1] for k, v in found.items()})
+
+
+@pytest.mark.parametrize("num_samples", [30, 500])  # without and with replacement
+def test_sample_posterior_draws_from_the_generator_given(num_samples: int) -> None:
+    tasks, model, params, _, _ = linear_problem(T=2)
+    density = model.task_density(model_structure(model, tasks.support_x, tasks.support_y))
+    draws = torch.randn(2, 50, 2, 3, generator=torch.Generator().manual_seed(1))
+    posterior = SamplePosterior(density, params, draws)
+    state = torch.random.get_rng_state()
+    a = posterior.sample(num_samples, generator=torch.Generator().manual_seed(5))
+    b = posterior.sample(num_samples, generator=torch.Generator().manual_seed(5))
+    c = posterior.sample(num_samples, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is untouched
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    pooled = draws.reshape(100, 2, 3)
+    assert bool((a[:, None] == pooled[None]).all(-1).all(-1).any(-1).all())  # pooled draws
+
+
+def test_resolve_density_passes_densities_and_traces_programs() -> None:
+    from hierbayes.inference.reference.target import resolve_density
+    from hierbayes.models import PyroTaskDensity, TaskModelDensity
+
+    tasks, model, _, _, _ = linear_problem(T=2)
+    density = model.task_density(model_structure(model, tasks.support_x, tasks.support_y))
+    assert resolve_density(density, tasks) is density
+    assert isinstance(resolve_density(model, tasks), TaskModelDensity)
+    assert isinstance(resolve_density(linear_program, tasks), PyroTaskDensity)
+    with pytest.raises(TypeError, match="TaskDensity"):
+        resolve_density(3.0, tasks)
+
+
+def linear_program(x: Tensor, y: Tensor | None = None) -> None:
+    """The linear-Gaussian model as a hand-written Pyro program (no native density)."""
+    theta = pyro.sample("theta", dist.Normal(torch.zeros(3), 10.0).to_event(1))
+    T, N = x.shape[:2]
+    with pyro.plate("tasks", T, dim=-2):
+        phi = pyro.sample("phi", dist.Normal(theta, PRIOR_SCALE).to_event(1))
+        f = (x * phi[..., :2]).sum(-1) + phi[..., 2]
+        with pyro.plate("data", N, dim=-1):
+            pyro.sample("y", dist.Normal(f, SIGMA), obs=None if y is None else y[..., 0])
+
+
+def test_meanfield_vi_runs_a_plain_pyro_program() -> None:
+    r"""A program's density opens its own plates: mean-field VI evaluates it outside its
+    particle and task plates, and finds :math:`m = \mu`, :math:`v_d = H_{dd}^{-1/2}` as for the
+    native density (``test_compare``)."""
+    from hierbayes.inference.reference.meanfield import meanfield_vi
+
+    tasks, _, params, mean, cov = linear_problem(T=2, seed=3)
+    q = meanfield_vi(linear_program, params, tasks, num_steps=1200, num_particles=4, seed=1)
+    sd = cov.diagonal(dim1=-2, dim2=-1).sqrt()
+    assert float(((q.mean - mean) / sd).abs().max()) < 0.1
+    optimal = torch.linalg.inv(cov).diagonal(dim1=-2, dim2=-1).rsqrt()
+    torch.testing.assert_close(q.scale, optimal, rtol=0.1, atol=0)
+    assert len(q.elbo) == 1200 and q.settings["num_particles"] == 4
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_meanfield_elbo_is_the_mean_over_particles() -> None:
+    r"""The particle plate is scaled by :math:`1/S`: with :math:`v \to 0` every particle sits at
+    :math:`m`, so the loss estimates the log joint at :math:`m` plus the entropy of :math:`q`,
+    whatever ``S`` (with Monte-Carlo error :math:`\sqrt{TD/(2S)}` from :math:`-\log q`); a sum
+    over particles would be ``S`` times it."""
+    from hierbayes.inference.reference.meanfield import meanfield_vi
+
+    tasks, model, params, mean, _ = linear_problem(T=2, seed=3)
+    density = model.task_density(model_structure(model, tasks.support_x, tasks.support_y))
+    x, y = tasks.support_x, tasks.support_y
+    log_joint = density.log_likelihood(params, mean, x, y) + density.log_prior(params, mean, x)
+    T, D = mean.shape
+    entropy = T * D * (0.5 * math.log(2 * math.pi * math.e) + math.log(1e-6))
+    expected = float(log_joint.sum()) + entropy
+    for particles in (1, 400):
+        q = meanfield_vi(
+            density,
+            params,
+            tasks,
+            num_steps=1,
+            num_particles=particles,
+            lr=1e-12,
+            init=mean,
+            init_scale=1e-6,
+        )
+        assert abs(q.elbo[0] - expected) < 5 * math.sqrt(T * D / (2 * particles)), particles

@@ -6,10 +6,11 @@ from hierbayes.inference.evaluation.compare import (
     ComparisonResult,
     ReferenceNotConvergedWarning,
     compare_approximations,
-    wasserstein2_gaussian,
 )
 from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior, mean_ci95
+from hierbayes.inference.evaluation.wasserstein import wasserstein2_gaussian
 from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
+from hierbayes.inference.posteriors.gaussian import GaussianPosterior
 from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
 from hierbayes.inference.posteriors.predictive import (
     CategoricalPrediction,
@@ -17,7 +18,7 @@ from hierbayes.inference.posteriors.predictive import (
     MixturePrediction,
     Prediction,
 )
-from hierbayes.inference.posteriors.samples import GaussianPosterior, SamplePosterior
+from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.inference.reference.meanfield import MeanFieldPosterior, meanfield_vi
 from hierbayes.inference.reference.nuts import nuts_numpyro, nuts_pyro
 from hierbayes.inference.svi.guide import TruncatedGradientGuide

@@ -28,9 +28,9 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 
 from hierbayes.errors import TaskDataError
-from hierbayes.models.structure import ModelStructure
 from hierbayes.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
 from hierbayes.models.network import BatchedNetwork, LayerRecord
+from hierbayes.models.structure import ModelStructure
 
 __all__ = ["TaskModel", "TaskModelDensity", "from_module"]
 
@@ -212,7 +212,7 @@ class TaskModel(PyroModule):
         return jax_log_density(self)
 
     def task_density(self, structure: ModelStructure) -> TaskModelDensity:
-        """The native :class:`~hierbayes.models.structure.TaskDensity` of this model."""
+        """The native :class:`~hierbayes.models.density.TaskDensity` of this model."""
         return TaskModelDensity(self, structure)
 
 

@@ -26,7 +26,7 @@ from hierbayes.experiments.compare.approximations import (
 from hierbayes.experiments.compare.settings import HELDOUT_SEED, CompareSettings
 from hierbayes.inference import fit, linear_gaussian
 from hierbayes.inference.evaluation.compare import ComparisonResult
-from hierbayes.inference.posteriors.samples import GaussianPosterior
+from hierbayes.inference.posteriors.gaussian import GaussianPosterior
 from hierbayes.models import BayesianLinearRegression, GaussianLikelihood, NeuralRegression
 from hierbayes.models.density import TaskDensity
 from hierbayes.models.structure import model_structure

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.posteriors.predictive import Prediction, prediction_from_distribution
-from hierbayes.models.contract import TaskDensity
+from hierbayes.models.density import TaskDensity
 
 __all__ = ["PointMassPosterior", "TaskPosterior"]
 

@@ -13,17 +13,26 @@ Pyro's :class:`~pyro.infer.autoguide.AutoNormal` fits
 (Blei, Kucukelbir & McAuliffe 2017) with reparameterised gradients (Kingma & Welling 2014).
 The Pyro model is potential-based: a flat ``ImproperUniform`` site ``phi`` in
 ``pyro.plate("tasks", T)`` and ``pyro.factor`` of the task's log joint from the model's
-:class:`~hierbayes.models.contract.TaskDensity`, so it runs for any hierbayes model and
-targets exactly the posterior the NUTS references sample. The ELBO is a sum over tasks of
-per-task ELBOs with disjoint variational parameters and Adam is per-coordinate, so fitting all
-tasks in one SVI run is fitting each task on its own.
+:class:`~hierbayes.models.TaskDensity`, so it runs for any hierbayes model and targets exactly
+the posterior the NUTS references sample. The ELBO is a sum over tasks of per-task ELBOs with
+disjoint variational parameters and Adam is per-coordinate, so fitting all tasks in one SVI run
+is fitting each task on its own.
+
+The ``S`` reparameterised draws of a step are an explicit plate
+``pyro.plate("particles", S, dim=-2)`` around the model's and the guide's sites, each site
+scaled by :math:`1/S` (what ``Trace_ELBO(vectorize_particles=True)`` does, made visible). The
+model samples ``phi`` ``(S, T, D)`` inside the particle and task plates, *leaves both* to
+evaluate the density on the flattened ``(S·T, D)`` draws in one call (a density re-runs the
+user's Pyro program, which opens its own plates, so it is evaluated outside every plate), and
+re-enters them for ``pyro.factor``. ``AutoNormal`` is built on the task plate alone, so its
+means and scales are ``(T, D)``, shared by the particles.
 
 Settings (defaults): ``num_steps`` = 2000 Adam steps (``ClippedAdam``, learning rate 0.02
-decayed geometrically to 0.1 of it), ``num_particles`` = 8 reparameterised draws per step
-(vectorised), means initialised at ``init`` (default :math:`\hat\theta`, MAML's starting
-point) and standard deviations at ``init_scale`` = 0.05. Each run works in a fresh scope of
-Pyro's parameter store (``pyro.get_param_store().scope()``) and a forked torch RNG seeded with
-``seed``: nothing leaks into, or is read from, global state.
+decayed geometrically to 0.1 of it), ``num_particles`` = 8 reparameterised draws per step,
+means initialised at ``init`` (default the prior mean :math:`\mathbb E[\phi\mid\hat\theta]`,
+MAML's starting point) and standard deviations at ``init_scale`` = 0.05. Each run works in a
+fresh scope of Pyro's parameter store (``pyro.get_param_store().scope()``) and a forked torch
+RNG seeded with ``seed``: nothing leaks into, or is read from, global state.
 
 For a linear-Gaussian posterior :math:`\mathcal N(\mu, H^{-1})` the optimum is
 :math:`m = \mu`, :math:`v_d^2 = 1/H_{dd}` (the tests check both).
@@ -47,27 +56,25 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoNormal
-from pyro.infer.autoguide.initialization import init_to_value
+from pyro.infer.autoguide import AutoNormal, init_to_value
 from torch import Tensor
 
-from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.posteriors.predictive import Prediction
-from hierbayes.inference.posteriors.samples import (
-    linearized_prediction,
-    predict_from_draws,
-    resolve_density,
-)
-from hierbayes.models.contract import TaskDensity
+from hierbayes.inference.posteriors.gaussian import GaussianTaskPosterior
+from hierbayes.inference.reference.target import resolve_density
+from hierbayes.models.density import TaskDensity
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["MeanFieldPosterior", "meanfield_vi"]
 
 
-class MeanFieldPosterior(TaskPosterior):
+class MeanFieldPosterior(GaussianTaskPosterior):
     r""":math:`\prod_d \mathcal N(\phi_{jd};\, m_{jd}, v_{jd}^2)` per task.
+
+    It predicts by sampling (default) or linearised, as every
+    :class:`~hierbayes.inference.posteriors.gaussian.GaussianTaskPosterior`.
 
     Attributes
     ----------
@@ -77,6 +84,8 @@ class MeanFieldPosterior(TaskPosterior):
         The ELBO (summed over tasks) at each step, a list of floats.
     wall_time:
         Seconds the fit took.
+    settings:
+        The fit's settings.
     """
 
     def __init__(
@@ -110,43 +119,12 @@ class MeanFieldPosterior(TaskPosterior):
         return torch.diag_embed(self.variance)
 
     def transform_noise(self, z: Tensor) -> Tensor:
-        r""":math:`m_j + v_j \odot z_{sj}` for standard normal ``z`` ``(S, T, D)``."""
+        r""":math:`m_j + v_j \odot z_{sj}` for standard-normal ``z`` ``(S, T, D)``."""
         return self.mean + self.scale * z
 
-    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
-        z = torch.randn(
-            (num_samples, *self.mean.shape),
-            generator=generator,
-            dtype=self.mean.dtype,
-            device=self.mean.device,
-        )
-        return self.transform_noise(z)
-
-    def predict(
-        self,
-        x: Tensor,
-        *,
-        method: str = "sampled",
-        num_samples: int = 400,
-        generator: torch.Generator | None = None,
-        **kwargs: object,
-    ) -> Prediction:
-        """Predictive at ``x`` ``(T, M, ...)``: ``"sampled"`` (a mixture over ``num_samples``
-        draws, seeded with 0 unless a ``generator`` is given) or ``"linearized"``."""
-        if method == "linearized":
-            return linearized_prediction(
-                self.density,
-                self.params,
-                self.mean,
-                x,
-                lambda J, t: (J.square() * self.variance[t]).sum(-1),
-            )
-        if method != "sampled":
-            raise ValueError(f"predict method must be 'sampled' or 'linearized'; got {method!r}")
-        if generator is None:
-            generator = torch.Generator(device=self.mean.device).manual_seed(0)
-        draws = self.sample(num_samples, generator=generator)
-        return predict_from_draws(self.density, self.params, draws, x)
+    def covariance_quad(self, J: Tensor) -> Tensor:
+        r""":math:`\sum_d J_{jrd}^2 v_{jd}^2` for ``J`` ``(T, R, D)``; ``(T, R)``."""
+        return (J.square() * self.variance.to(J).unsqueeze(1)).sum(-1)
 
 
 def meanfield_vi(
@@ -167,7 +145,8 @@ def meanfield_vi(
     Parameters
     ----------
     model_or_density:
-        A hierbayes model or its :class:`~hierbayes.models.contract.TaskDensity`.
+        A hierbayes model (any Pyro program following the contract) or its
+        :class:`~hierbayes.models.TaskDensity`.
     params:
         The fixed global values :math:`\hat\theta`, ... (e.g. ``fit_result.params``).
     tasks:
@@ -191,49 +170,74 @@ def meanfield_vi(
     density = resolve_density(model_or_density, tasks)
     params = {k: v.detach() for k, v in params.items()}
     x, y, mask = tasks.support_x, tasks.support_y, tasks.support_mask
-    T = tasks.num_tasks
+    T, S = tasks.num_tasks, num_particles
     with torch.no_grad():
         start = density.prior_mean(params, x) if init is None else init
     D = start.shape[-1]
     start = start.detach().expand(T, D).clone()
 
-    def repeat(value: Tensor, copies: int) -> Tensor:
-        """``(T, ...)`` to ``(copies·T, ...)``, particle-major like ``phi.reshape``."""
-        return value.unsqueeze(0).expand(copies, *value.shape).reshape(-1, *value.shape[1:])
+    def repeat(value: Tensor) -> Tensor:
+        """``(T, ...)`` to ``(S·T, ...)``, particle-major like ``phi.reshape(S * T, D)``."""
+        return value.unsqueeze(0).expand(S, *value.shape).reshape(S * T, *value.shape[1:])
+
+    xs, ys = repeat(x), repeat(y)
+    masks = None if mask is None else repeat(mask)
+
+    def log_joint(phi: Tensor) -> Tensor:
+        r""":math:`\log p(y^s_j\mid\phi) + \log p(\phi\mid\hat\theta)` of draws ``(S, T, D)``,
+        ``(S, T)``: one density call, outside every plate."""
+        flat = phi.reshape(S * T, D)
+        value = density.log_likelihood(params, flat, xs, ys, masks) + density.log_prior(
+            params, flat, xs
+        )
+        return value.reshape(S, T)
+
+    def sample_phi() -> Tensor:
+        """The flat site ``phi``, in the task plate (and the particle plate) entered by the caller."""
+        phi: Tensor = pyro.sample("phi", dist.ImproperUniform(constraints.real_vector, (T,), (D,)))
+        return phi
+
+    def task_latent() -> Tensor:
+        """The latent ``phi`` of every task: what ``AutoNormal`` approximates (its prototype)."""
+        with pyro.plate("tasks", T, dim=-1):
+            return sample_phi()
 
     def potential_model() -> None:
-        with pyro.plate("tasks", T, dim=-1):
-            phi = pyro.sample(
-                "phi",
-                dist.ImproperUniform(constraints.real_vector, (T,), (D,)),
-            )
-            lead = phi.shape[:-2]  # the vectorised particles, if any
-            copies = math.prod(lead)
-            flat = phi.reshape(copies * T, D)
-            xs = repeat(x, copies)
-            masks = None if mask is None else repeat(mask, copies)
-            log_joint = density.log_likelihood(params, flat, xs, repeat(y, copies), masks)
-            log_joint = log_joint + density.log_prior(params, flat, xs)
-            pyro.factor("log_joint", log_joint.reshape(*lead, T))
+        # each plate is made once and entered twice, so its subsample site is recorded once
+        particles, tasks_plate = pyro.plate("particles", S, dim=-2), pyro.plate("tasks", T, dim=-1)
+        with particles, tasks_plate:
+            phi = sample_phi()  # (S, T, D)
+        value = log_joint(phi)  # outside the plates: the density opens its own
+        with particles, tasks_plate:
+            pyro.factor("log_joint", value)
 
     started = time.perf_counter()
     history: list[float] = []
-    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=[]):
+    devices = [x.device] if x.device.type == "cuda" else []
+    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        guide = AutoNormal(
-            potential_model, init_loc_fn=init_to_value(values={"phi": start}), init_scale=init_scale
+        approximation = AutoNormal(
+            task_latent, init_loc_fn=init_to_value(values={"phi": start}), init_scale=init_scale
         )
+
+        def guide() -> None:
+            with pyro.plate("particles", S, dim=-2):
+                approximation()
+
         decay = final_lr_ratio ** (1.0 / num_steps)
         optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": decay})
-        elbo = Trace_ELBO(
-            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1
+        # each particle's sites weigh 1/S: the loss is the ELBO averaged over the particles
+        svi = SVI(
+            poutine.scale(potential_model, scale=1.0 / S),
+            poutine.scale(guide, scale=1.0 / S),
+            optim,
+            loss=Trace_ELBO(max_plate_nesting=2),
         )
-        svi = SVI(potential_model, guide, optim, loss=elbo)
         for _ in range(num_steps):
             history.append(-float(svi.step()))
         with torch.no_grad():
-            loc = guide.locs.phi.detach().clone()
-            scale = guide.scales.phi.detach().clone()
+            loc = approximation.locs.phi.detach().clone()
+            scale = approximation.scales.phi.detach().clone()
     wall = time.perf_counter() - started
     return MeanFieldPosterior(
         density,

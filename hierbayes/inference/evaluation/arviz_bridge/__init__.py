@@ -1,0 +1,73 @@
+r"""The ArviZ bridge: task posteriors as ``arviz.InferenceData``, diagnostics, ELPD, figures.
+
+This package is the one place in hierbayes that imports ArviZ: the rest of hierbayes reaches
+ArviZ through it, and only when a function of it is called.
+
+:func:`to_inference_data` turns any :class:`~hierbayes.inference.TaskPosterior` (a MAML point
+mass, a Laplace or mean-field Gaussian, NUTS draws) and a batch of held-out tasks into an
+``InferenceData`` with the groups
+
+* ``posterior``: ``phi`` (chain, draw, task, parameter), the draws :math:`\phi^{(c,s)}_j`;
+* ``posterior_predictive``: ``y`` (chain, draw, task, point[, output]), draws
+  :math:`y \sim p(y\mid\phi^{(c,s)}_j, x^q_{jm})` at the query inputs;
+* ``log_likelihood``: ``y`` (chain, draw, task, point), :math:`\log p(y^q_{jm}\mid
+  \phi^{(c,s)}_j)` per query point;
+* ``observed_data``: ``y`` (task, point[, output]), the query targets;
+* ``constant_data``: ``x`` (task, point[, input]), the query inputs, and the global values the
+  posterior was computed with: ``theta`` (parameter) and the others (``noise_scale``, ...)
+  under their site names. This is where :math:`\hat\theta` is recorded;
+* ``sample_stats`` (NUTS only): ``diverging`` (chain, draw, task).
+
+Coordinates: ``task`` holds the batch's ``task_ids`` (else ``0..T-1``); ``parameter`` holds
+names built from the network's :class:`~hierbayes.models.network.ParameterLayout`, the module's
+parameter name and a row-major index, e.g. ``"0.weight[3,0]"``, ``"2.bias[7]"`` (``"phi[i]"``
+for a model without a layout); ``point`` is ``0..M-1``. A target with one output per point is
+stored without the ``output`` dimension. Non-MCMC posteriors get ``num_chains`` "chains" of
+independent draws, so ArviZ's functions apply unchanged.
+
+The ``log_likelihood`` group is per query point, as ``az.loo``, ``az.waic`` and ``az.compare``
+expect. The query points never entered the posterior, so the held-out ELPD is the plain
+Monte-Carlo log predictive density, with no leave-one-out correction (:func:`compare_elpd`).
+
+Modules: :mod:`~hierbayes.inference.evaluation.arviz_bridge.inference_data`
+(:func:`to_inference_data`, :func:`parameter_names`),
+:mod:`~hierbayes.inference.evaluation.arviz_bridge.diagnostics`
+(:func:`convergence_diagnostics`), :mod:`~hierbayes.inference.evaluation.arviz_bridge.elpd`
+(:func:`heldout_pointwise`, :func:`compare_elpd`) and
+:mod:`~hierbayes.inference.evaluation.arviz_bridge.figures` (:func:`plot_forest`,
+:func:`plot_posterior`).
+
+References
+----------
+1. Kumar, Carroll, Hartikainen & Martin (2019). ArviZ a unified library for exploratory
+   analysis of Bayesian models in Python. JOSS.
+2. Vehtari, Gelman & Gabry (2017). Practical Bayesian model evaluation using leave-one-out
+   cross-validation and WAIC. Statistics and Computing.
+3. Yao, Vehtari, Simpson & Gelman (2018). Using stacking to average Bayesian predictive
+   distributions. Bayesian Analysis.
+4. Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021). Rank-normalization, folding, and
+   localization: an improved R-hat. Bayesian Analysis.
+"""
+
+from hierbayes.inference.evaluation.arviz_bridge.diagnostics import convergence_diagnostics
+from hierbayes.inference.evaluation.arviz_bridge.elpd import compare_elpd, heldout_pointwise
+from hierbayes.inference.evaluation.arviz_bridge.figures import (
+    default_parameters,
+    plot_forest,
+    plot_posterior,
+)
+from hierbayes.inference.evaluation.arviz_bridge.inference_data import (
+    parameter_names,
+    to_inference_data,
+)
+
+__all__ = [
+    "compare_elpd",
+    "convergence_diagnostics",
+    "default_parameters",
+    "heldout_pointwise",
+    "parameter_names",
+    "plot_forest",
+    "plot_posterior",
+    "to_inference_data",
+]
