@@ -7,6 +7,7 @@ loop a Pyro guide, and adds Laplace evidence corrections and Gaussian task poste
 
 from hierbayes import inference, models, tasks
 from hierbayes.errors import HierbayesError, ModelContractError, NumericalError, TaskDataError
+from hierbayes.inference.training.load import load
 from hierbayes.tasks import SinusoidTasks, TaskBatch, TaskCollection
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "TaskDataError",
     "__version__",
     "inference",
+    "load",
     "models",
     "tasks",
 ]

@@ -191,7 +191,8 @@ def test_param_models_are_reproducible_and_report_their_params() -> None:
 
 def test_non_finite_gradients_stop_training_before_the_step() -> None:
     class Poisoned:
-        """Sinusoid tasks, then from the fourth draw one target so large that the loss overflows."""
+        """Sinusoid tasks, then from the fourth training draw (the first draw builds the guide)
+        one target so large that the loss overflows."""
 
         num_tasks = None
 
@@ -202,7 +203,7 @@ def test_non_finite_gradients_stop_training_before_the_step() -> None:
         def sample(self, num_tasks, *, generator=None, dtype=None):  # type: ignore[no-untyped-def]
             self.calls += 1
             batch = self.inner.sample(num_tasks, generator=generator, dtype=dtype)
-            if self.calls > 3:
+            if self.calls > 4:
                 batch.query_y[0, 0, 0] = 1e200
             return batch
 

@@ -30,11 +30,18 @@ from hierbayes.inference.svi.llama import (
 )
 from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
 from hierbayes.inference.training.fit import fit
+from hierbayes.inference.training.load import load
 from hierbayes.inference.training.methods import Method, methods, register_method
-from hierbayes.inference.training.result import FitResult, MetaTrainingDiverged
+from hierbayes.inference.training.persistence import CheckpointError
+from hierbayes.inference.training.result import (
+    FitResult,
+    MetaTrainingDiverged,
+    MetaTrainingInterrupted,
+)
 
 __all__ = [
     "CategoricalPrediction",
+    "CheckpointError",
     "ComparisonResult",
     "FitResult",
     "GaussianPosterior",
@@ -47,6 +54,7 @@ __all__ = [
     "MeanFieldPosterior",
     "MetaObjective",
     "MetaTrainingDiverged",
+    "MetaTrainingInterrupted",
     "Method",
     "MixturePrediction",
     "PointMassPosterior",
@@ -64,6 +72,7 @@ __all__ = [
     "laplace_posterior",
     "linearized_predictive",
     "llama_objective",
+    "load",
     "mean_ci95",
     "meanfield_vi",
     "methods",

@@ -62,3 +62,15 @@ class BayesianLinearRegression(TaskModel):
         )
         self.input_dim = input_dim
         self.bias = bias
+        self.constructor = {
+            "class": "BayesianLinearRegression",
+            "kwargs": dict(
+                input_dim=input_dim,
+                bias=bias,
+                noise_scale=noise_scale,
+                learn_noise=learn_noise,
+                prior_scale=prior_scale,
+                learn_prior_scale=learn_prior_scale,
+                hyperprior_scale=hyperprior_scale,
+            ),
+        }

@@ -74,3 +74,16 @@ class NeuralRegression(TaskModel):
             learn_prior_scale=learn_prior_scale,
             hyperprior_scale=hyperprior_scale,
         )
+        if network is None:
+            self.constructor = {
+                "class": "NeuralRegression",
+                "kwargs": dict(
+                    noise_scale=noise_scale,
+                    learn_noise=learn_noise,
+                    prior_scale=prior_scale,
+                    learn_prior_scale=learn_prior_scale,
+                    hyperprior_scale=hyperprior_scale,
+                    per_task_noise=per_task_noise,
+                    per_task_noise_scale=per_task_noise_scale,
+                ),
+            }

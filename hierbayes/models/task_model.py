@@ -105,6 +105,10 @@ class TaskModel(PyroModule):
         if init.shape != (D,):
             raise ValueError(f"theta_init must have shape ({D},); got {tuple(init.shape)}")
         self.register_buffer("theta_init", init)
+        #: How to construct this model again (``{"class": ..., "kwargs": ...}``), set by
+        #: built-in models whose arguments are plain values; ``None`` for a network of your
+        #: own (``hierbayes.load`` then asks for the model).
+        self.constructor: dict[str, Any] | None = None
         if hyperprior_scale is None:
             self.theta = PyroParam(init.clone())
 

@@ -11,51 +11,38 @@ model's own parameters.
 
 from __future__ import annotations
 
-import math
-import time
+import os
 import warnings
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-import pyro
 import torch
-from pyro import poutine
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from hierbayes.errors import NumericalError, TaskDataError
 from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
 from hierbayes.inference.svi.objectives import MetaObjective
+from hierbayes.inference.training.checks import (
+    as_task_source,
+    check_arguments,
+    check_dtype,
+    check_targets,
+    reset_param_sites,
+    trainable_parameters,
+)
+from hierbayes.inference.training.guards import boundary_warnings, warning_tally
+from hierbayes.inference.training.loop import TrainingControl, TrainingRun
 from hierbayes.inference.training.methods import get_method
-from hierbayes.inference.training.result import FitResult, MetaTrainingDiverged
-from hierbayes.models.density import NetworkDensity
+from hierbayes.inference.training.persistence import read_run, restore_run
+from hierbayes.inference.training.result import FitResult, TrainingState
 from hierbayes.models.task_model import TaskModel
 from hierbayes.tasks.batch import TaskBatch
 from hierbayes.tasks.source import TaskSource
 
 __all__ = ["fit"]
 
-
-class _BatchSource:
-    """A fixed :class:`TaskBatch` as a task source (random subsets of its tasks)."""
-
-    def __init__(self, batch: TaskBatch) -> None:
-        self.batch = batch
-
-    @property
-    def num_tasks(self) -> int:
-        return self.batch.num_tasks
-
-    def sample(
-        self,
-        num_tasks: int,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> TaskBatch:
-        index = torch.randperm(self.batch.num_tasks, generator=generator)[:num_tasks]
-        out = self.batch.select(index.to(self.batch.device))
-        return out.to(dtype=dtype) if dtype is not None else out
+OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -67,7 +54,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 def fit(
     model: Any,
-    tasks: TaskSource | TaskBatch,
+    tasks: TaskSource | TaskBatch | Sequence[Any],
     *,
     method: str = "maml",
     meta_steps: int = 1000,
@@ -85,6 +72,15 @@ def fit(
     guide: TruncatedGradientGuide | None = None,
     objective: MetaObjective | str | None = None,
     callback: Callable[[int, float, FitResult], None] | None = None,
+    optimizer: OptimizerFactory | None = None,
+    lr_scheduler: SchedulerFactory | None = None,
+    clip_grad_norm: float | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    metrics_log: str | os.PathLike[str] | None = None,
+    log_every: int = 100,
+    check_every: int = 250,
     **method_options: Any,
 ) -> FitResult:
     r"""Meta-train ``model`` on ``tasks`` and return a :class:`FitResult`.
@@ -96,11 +92,14 @@ def fit(
     tasks:
         A task source (:class:`~hierbayes.tasks.SinusoidTasks`,
         :class:`~hierbayes.tasks.TaskCollection`, :class:`~hierbayes.tasks.EpisodicSampler`,
-        anything with ``sample(num_tasks, generator=...)``) or one :class:`TaskBatch`.
+        anything with ``sample(num_tasks, generator=...)``), one :class:`TaskBatch`, or a list
+        of tasks as :class:`~hierbayes.tasks.TaskCollection` takes them.
     method:
         A registered method: ``"maml"`` (default) or, see :func:`methods`, ``"llama"``.
-    meta_steps, meta_batch_size, lr:
-        Adam steps, tasks per step, and Adam's learning rate.
+    meta_steps:
+        The total number of meta-steps of the run (a resumed run continues up to it).
+    meta_batch_size, lr:
+        Tasks per step, and the learning rate of the default optimiser (Adam).
     inner_steps, step_size, learn_step_size, first_order, inner_objective:
         The guide's options (:class:`~hierbayes.inference.TruncatedGradientGuide`).
     seed:
@@ -113,35 +112,122 @@ def fit(
         for ``"llama"``).
     callback:
         Called as ``callback(step, loss, result)`` after every meta-step.
+    optimizer:
+        ``optimizer(parameters) -> torch.optim.Optimizer`` (default: Adam with ``lr``).
+    lr_scheduler:
+        ``lr_scheduler(optimizer) -> torch.optim.lr_scheduler.LRScheduler``, stepped once per
+        meta-step.
+    clip_grad_norm:
+        Clip the meta-gradient's norm to this value (``torch.nn.utils.clip_grad_norm_``).
+    checkpoint, checkpoint_every:
+        Write the run to ``checkpoint`` (atomically) every ``checkpoint_every`` meta-steps, at
+        the end, and when the run is interrupted or diverges.
+    resume:
+        A checkpoint (or a file ``FitResult.save`` wrote) to continue from: parameters,
+        optimiser and schedule state, history and random-number generators are restored, so
+        the run takes exactly the steps an uninterrupted one would have. The run's settings
+        must equal the checkpoint's (a mismatch is an error that lists them); pass a freshly
+        built model.
+    metrics_log:
+        Append one JSON line per meta-step (step, loss, learning rate, gradient norm, seconds).
+    log_every:
+        Log progress to the ``logging`` logger ``"hierbayes.fit"`` every this many steps.
+    check_every:
+        Check every this many steps that the inner loop lowers the support loss (warn) and has
+        not diverged (error); ``0`` turns the check off.
+    **method_options:
+        Passed to the method's objective (e.g. ``curvature="ggn"`` for ``"llama"``).
 
     Notes
     -----
     ``fit`` trains ``model`` and the guide in place (fit a fresh model for each run you want
     to keep), moves the model to ``device``/``dtype``, and seeds torch's global generator with
-    ``seed``. A pre-built ``guide`` brings its own inner-loop settings; ``inner_steps``,
-    ``step_size`` and the other guide options are then not used.
-    **method_options:
-        Passed to the method's objective (e.g. ``curvature="ggn"`` for ``"llama"``).
+    ``seed``. A pre-built ``guide`` brings its own inner-loop settings. Each distinct warning
+    of a run is issued once, with how often it fired.
 
     Raises
     ------
     MetaTrainingDiverged
-        If the objective becomes NaN or infinite; its ``result`` holds the last finite state.
+        If the objective or its gradient becomes NaN or infinite, jumps by orders of magnitude,
+        or the inner loop diverges; its ``result`` holds the last good state.
+    MetaTrainingInterrupted
+        On Ctrl-C (a ``KeyboardInterrupt``); its ``result`` holds the steps completed.
     """
+    with warning_tally():
+        return _fit(
+            model,
+            tasks,
+            method=method,
+            meta_steps=meta_steps,
+            meta_batch_size=meta_batch_size,
+            guide_options=dict(
+                inner_steps=inner_steps,
+                step_size=step_size,
+                learn_step_size=learn_step_size,
+                first_order=first_order,
+                inner_objective=inner_objective,
+            ),
+            lr=lr,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            guide=guide,
+            objective=objective,
+            callback=callback,
+            control=TrainingControl(
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                clip_grad_norm=clip_grad_norm,
+                checkpoint=None if checkpoint is None else Path(checkpoint),
+                checkpoint_every=checkpoint_every,
+                metrics_log=None if metrics_log is None else Path(metrics_log),
+                log_every=log_every,
+                check_every=check_every,
+            ),
+            resume=None if resume is None else Path(resume),
+            method_options=method_options,
+        )
+
+
+def _fit(
+    model: Any,
+    tasks: Any,
+    *,
+    method: str,
+    meta_steps: int,
+    meta_batch_size: int,
+    guide_options: dict[str, Any],
+    lr: float,
+    seed: int,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    progress: bool,
+    guide: TruncatedGradientGuide | None,
+    objective: MetaObjective | str | None,
+    callback: Callable[[int, float, FitResult], None] | None,
+    control: TrainingControl,
+    resume: Path | None,
+    method_options: dict[str, Any],
+) -> FitResult:
     spec = get_method(method)
     if isinstance(objective, str):
         method_options["objective"] = objective
         objective = None
-    if meta_steps < 0 or meta_batch_size < 1:
-        raise ValueError(
-            f"need meta_steps >= 0 and meta_batch_size >= 1; got {meta_steps}, {meta_batch_size}"
-        )
+    check_arguments(spec, meta_steps, meta_batch_size, lr, guide_options, control, method_options)
+    saved = read_run(resume) if resume is not None else None
     dev = _resolve_device(device)
-    source: Any = _BatchSource(tasks) if isinstance(tasks, TaskBatch) else tasks
-    if not isinstance(source, TaskSource):
-        raise TypeError(
-            f"tasks must be a TaskBatch or a task source with sample(num_tasks, generator=...); "
-            f"got {type(tasks).__name__}"
+    source = as_task_source(tasks)
+    if (
+        not isinstance(tasks, TaskBatch)  # one batch given: training on all of it is the point
+        and source.num_tasks is not None
+        and meta_batch_size > source.num_tasks
+    ):
+        warnings.warn(
+            f"meta_batch_size={meta_batch_size} is larger than the {source.num_tasks} tasks "
+            f"available: every meta-step uses all {source.num_tasks}",
+            UserWarning,
+            stacklevel=4,
         )
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -159,156 +245,56 @@ def fit(
         first.info,
     ).to(dev)  # re-validated
     first.require_query("meta-training")
-    _check_dtype(model, first, dtype)
+    check_dtype(model, first, dtype)
     if not isinstance(model, torch.nn.Module) and guide is None:
-        _reset_param_sites(model, first)
+        reset_param_sites(model, first)
     config = dict(
         method=method,
         meta_steps=meta_steps,
         meta_batch_size=meta_batch_size,
-        inner_steps=inner_steps,
-        step_size=step_size,
-        learn_step_size=learn_step_size,
-        first_order=first_order,
-        inner_objective=inner_objective,
+        **guide_options,
         lr=lr,
         seed=seed,
         device=str(dev),
         dtype=dtype,
+        num_tasks=source.num_tasks,
         **method_options,
     )
     if guide is None:
-        guide = TruncatedGradientGuide(
-            model,
-            first,
-            inner_steps=inner_steps,
-            step_size=step_size,
-            learn_step_size=learn_step_size,
-            first_order=first_order,
-            inner_objective=inner_objective,
-        )
+        guide = TruncatedGradientGuide(model, first, **guide_options)
     guide.to(device=dev, dtype=dtype)
-    _check_targets(guide, first)
+    check_targets(guide, first)
     if objective is None:
-        try:
-            objective = spec.objective(num_tasks=source.num_tasks, **method_options)
-        except TypeError as err:
-            raise ValueError(
-                f"method {method!r} does not take the options {sorted(method_options)} ({err})"
-            ) from err
+        objective = spec.objective(num_tasks=source.num_tasks, **method_options)
     objective.bind(guide.density)  # declared capabilities, checked before any training
     result = FitResult(model, guide, objective, method, [], config)
-    parameters = _trainable_parameters(model, guide)
-    optim = torch.optim.Adam(parameters, lr=lr)
-    start = time.perf_counter()
-    batch = first
-    bar = tqdm(
-        range(meta_steps), disable=not progress, desc=f"meta-training ({method})", mininterval=1.0
+    result.example = (first.support_x[:1].detach(), first.support_y[:1].detach())
+    parameters = trainable_parameters(model, guide)
+    optim = (
+        control.optimizer(parameters)
+        if control.optimizer is not None
+        else torch.optim.Adam(parameters, lr=lr)
     )
-    for step in bar:
-        if step > 0:
-            batch = source.sample(meta_batch_size, generator=generator, dtype=dtype).to(dev)
-        optim.zero_grad(set_to_none=True)
-        try:
-            loss = objective.meta_loss(guide, batch)
-            value = float(loss.detach())
-            cause = None
-        except NumericalError as err:
-            value, cause = float("nan"), err
-        if not math.isfinite(value):
-            result.wall_time = time.perf_counter() - start
-            raise MetaTrainingDiverged(
-                f"meta-step {step}: the {method} objective is {value}"
-                + (f" ({cause})" if cause else "")
-                + f". The parameters are those after step {step - 1} (in the exception's "
-                f".result). Try a smaller step_size (now {step_size}) or lr (now {lr}), fewer "
-                "inner_steps, or float64.",
-                result,
-            ) from cause
-        loss.backward()
-        if not _gradients_finite(parameters):
-            bad = [
-                p
-                for p in parameters
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-            ]
-            result.wall_time = time.perf_counter() - start
-            raise MetaTrainingDiverged(
-                f"meta-step {step}: the {method} objective is finite ({value:.6g}) but its gradient "
-                f"holds NaN or infinite values in {len(bad)} parameter tensor(s); no step was taken, "
-                f"so the parameters are those after step {step - 1} (in the exception's .result). "
-                "Try float64, a smaller step_size or lr.",
-                result,
-            )
-        optim.step()
-        result.history.append(value)
-        if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-        if callback is not None:
-            callback(step, value, result)
-    result.wall_time = time.perf_counter() - start
+    scheduler = control.lr_scheduler(optim) if control.lr_scheduler is not None else None
+    result.training = TrainingState(optim, scheduler, generator)
+    if saved is not None:
+        restore_run(result, saved)
+    start_values = {k: v.detach().clone() for k, v in guide.global_values().items()}
+    run = TrainingRun(result, source, control, dtype=dtype, device=dev, progress=progress)
+    run.train(meta_steps, callback)
+    boundary_warnings(
+        [s for s in guide.structure.global_sites if not _reported_by_model(model, s.name)],
+        start_values,
+        guide.global_values(),
+        method,
+    )
     _warn_if_prior_collapsed(model, result)
     return result
 
 
-def _gradients_finite(parameters: list[Tensor]) -> bool:
-    """Whether every gradient is finite, with one synchronisation: a sum is NaN or infinite
-    when any of its terms is (an overflow of finite terms would only cause a false alarm)."""
-    total: Tensor | None = None
-    for p in parameters:
-        if p.grad is not None:
-            s = p.grad.sum()
-            total = s if total is None else total + s
-    return total is None or bool(torch.isfinite(total))
-
-
-def _check_dtype(model: Any, batch: TaskBatch, dtype: torch.dtype | None) -> None:
-    """A float data/model mismatch, caught here with advice rather than deep inside the model."""
-    if not isinstance(model, torch.nn.Module) or not torch.is_floating_point(batch.support_x):
-        return
-    floats = [t for t in (*model.parameters(), *model.buffers()) if torch.is_floating_point(t)]
-    if floats and floats[0].dtype != batch.support_x.dtype:
-        raise TaskDataError(
-            f"support_x is {batch.support_x.dtype} but the model is {floats[0].dtype}: pass "
-            f"dtype={batch.support_x.dtype} to fit (model and data are then converted together), "
-            "or convert the data"
-        )
-
-
-def _reset_param_sites(model: Any, batch: TaskBatch) -> None:
-    """Forget the ``pyro.param`` values a function model left in Pyro's global store, so that
-    ``fit`` starts from their initial values (reproducible with ``seed``) rather than from
-    whatever an earlier run trained."""
-    with poutine.block():
-        trace = poutine.trace(model).get_trace(batch.support_x, batch.support_y)
-    store = pyro.get_param_store()
-    for name, site in trace.nodes.items():
-        if site["type"] == "param" and name in store:
-            del store[name]
-
-
-def _check_targets(guide: TruncatedGradientGuide, batch: TaskBatch) -> None:
-    """Score one task's support and query sets once, so that targets of the wrong shape or kind
-    are reported by field before training."""
-    params = guide.global_values()
-    one = batch.select(slice(0, 1))
-    phi = guide.density.prior_mean({k: v.detach() for k, v in params.items()}, one.support_x)
-    xq, yq, mq = one.require_query("meta-training")
-    assert batch.query_y is not None
-    if isinstance(guide.density, NetworkDensity):  # batch norm cannot take unequal task sizes
-        guide.density.check_mask(batch.support_mask)
-        guide.density.check_mask(batch.query_mask)
-    for name, x, y, mask, full in (
-        ("support_y", one.support_x, one.support_y, one.support_mask, batch.support_y),
-        ("query_y", xq, yq, mq, batch.query_y),
-    ):
-        try:
-            with torch.no_grad():
-                guide.density.log_likelihood(params, phi.detach(), x, y, mask)
-        except TaskDataError as err:
-            raise TaskDataError(
-                f"{name} (shape {tuple(full.shape)}) does not fit the model; for task 0: {err}"
-            ) from err
+def _reported_by_model(model: Any, name: str) -> bool:
+    """A TaskModel's learned prior scale has a warning of its own (see below)."""
+    return isinstance(model, TaskModel) and name == "prior_scale"
 
 
 def _warn_if_prior_collapsed(model: Any, result: FitResult) -> None:
@@ -327,20 +313,3 @@ def _warn_if_prior_collapsed(model: Any, result: FitResult) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def _trainable_parameters(model: Any, guide: TruncatedGradientGuide) -> list[Tensor]:
-    """The guide's parameters, the model's own, and ``pyro.param`` sites of a function model."""
-    seen: dict[int, Tensor] = {}
-    for p in guide.parameters():
-        seen[id(p)] = p
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            seen[id(p)] = p
-    store = pyro.get_param_store()
-    for name in guide.structure.param_sites:
-        if name in store:
-            # pyro.param values carry their unconstrained tensor as an attribute
-            p = cast(Any, store.get_param(name)).unconstrained()
-            seen[id(p)] = p
-    return [p for p in seen.values() if p.requires_grad]

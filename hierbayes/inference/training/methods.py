@@ -2,6 +2,7 @@ r"""The registry of meta-learning methods: how each builds its objective and tas
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
-from hierbayes.inference.svi.llama import llama_objective, llama_posterior
+from hierbayes.inference.svi.llama import LLAMA_OBJECTIVES, llama_objective, llama_posterior
 from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
 from hierbayes.tasks.batch import TaskBatch
 
@@ -29,9 +30,25 @@ class Method:
     objective: Callable[..., MetaObjective]
     posterior: PosteriorFactory
     description: str = ""
+    #: The option names its objective takes (``fit`` suggests the close one for a misspelled
+    #: option); ``None`` when unknown (no check).
+    options: frozenset[str] | None = None
 
 
 _METHODS: dict[str, Method] = {}
+
+
+def _init_options(cls: type) -> frozenset[str]:
+    """Keyword options of ``cls.__init__`` and its bases' (``num_tasks`` is fit's to set)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind is p.KEYWORD_ONLY:
+                names.add(p.name)
+    return frozenset(names)
 
 
 def register_method(method: Method, *, overwrite: bool = False) -> None:
@@ -76,6 +93,7 @@ register_method(
         MAMLObjective,
         _point_mass,
         "MAML (Finn et al. 2017): query NLL at the truncated-gradient point estimate",
+        frozenset(),
     )
 )
 
@@ -87,5 +105,6 @@ register_method(
         llama_posterior,
         "LLAMA (Grant et al. 2018) and successors: Laplace-corrected objectives, Gaussian task "
         "posteriors; objective='predictive' (default), 'evidence' or 'paper'",
+        frozenset({"objective"}).union(*(_init_options(c) for c in LLAMA_OBJECTIVES.values())),
     )
 )

@@ -2,7 +2,9 @@ r"""What :func:`~hierbayes.inference.fit` returns: a plain result object."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -16,9 +18,15 @@ from hierbayes.inference.posteriors.predictive import Prediction
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.svi.objectives import MetaObjective
 from hierbayes.inference.training.methods import get_method
+from hierbayes.inference.training.persistence import run_state, write_atomic
 from hierbayes.tasks.batch import TaskBatch
 
-__all__ = ["FitResult", "MetaTrainingDiverged"]
+__all__ = [
+    "FitResult",
+    "MetaTrainingDiverged",
+    "MetaTrainingInterrupted",
+    "TrainingState",
+]
 
 
 class MetaTrainingDiverged(HierbayesError, FloatingPointError):
@@ -27,6 +35,25 @@ class MetaTrainingDiverged(HierbayesError, FloatingPointError):
     def __init__(self, message: str, result: FitResult) -> None:
         super().__init__(message)
         self.result = result
+
+
+class MetaTrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`~hierbayes.inference.fit`; ``result`` holds the steps completed
+    (and, when ``fit`` had a ``checkpoint``, the run was written there first). It is a
+    ``KeyboardInterrupt``, so code that catches those still does."""
+
+    def __init__(self, message: str, result: FitResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class TrainingState:
+    """The live optimiser, learning-rate schedule and task sampler's generator of a run."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
 
 
 @dataclass
@@ -54,6 +81,24 @@ class FitResult:
     history: list[float] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     wall_time: float = 0.0
+    #: One task's support data, to trace the model on when the guide is rebuilt from a file.
+    example: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    #: The optimiser, schedule and task generator of the run (``None`` for a loaded result).
+    training: TrainingState | None = field(default=None, repr=False)
+    #: The optimiser's, schedule's and generators' saved state, for a loaded result.
+    saved_training: dict[str, Any] | None = field(default=None, repr=False)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild, adapt with, and resume this run, as plain containers
+        of tensors, numbers and strings (``torch.load(weights_only=True)`` reads it)."""
+        return run_state(self)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the run to ``path`` atomically; read it back with :func:`hierbayes.load`, or
+        continue it with ``fit(..., resume=path)``."""
+        return write_atomic(self.state_dict(), path)
 
     @property
     def params(self) -> dict[str, Tensor]:

@@ -1,0 +1,183 @@
+r"""Numerical guards of meta-training: warnings once with a count, and errors before garbage.
+
+* :class:`WarningTally` collects the warnings a run raises and re-issues each distinct one once,
+  with how often it fired (a warning repeated at every meta-step says nothing new);
+* :func:`check_inner_loop` compares each task's support log likelihood before and after the
+  inner loop: a step size too large for the model raises it on most tasks (a warning naming
+  ``step_size``), or by orders of magnitude (an error: training on would fit garbage);
+* :func:`check_jump` stops a run whose objective jumps by orders of magnitude between steps
+  (extreme parameter values, e.g. a scale at 1e-20);
+* :func:`boundary_warnings` names every positive global latent that ended near its boundary
+  at zero, and why that happens (the marginal likelihood may peak there).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from pyro.distributions import constraints
+from torch import Tensor
+
+from hierbayes.errors import NumericalError
+from hierbayes.inference.svi.guide import TruncatedGradientGuide
+from hierbayes.tasks.batch import TaskBatch
+
+__all__ = [
+    "InnerLoopWarning",
+    "WarningTally",
+    "boundary_warnings",
+    "check_inner_loop",
+    "check_jump",
+    "warning_tally",
+]
+
+
+class InnerLoopWarning(UserWarning):
+    """The inner loop made the support fit worse: its step size is too large for the model."""
+
+
+class WarningTally:
+    """Distinct warnings (by category and message) with how often each fired."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[type[Warning], str], int] = {}
+        self.order: list[tuple[type[Warning], str]] = []
+
+    def add(self, record: warnings.WarningMessage) -> None:
+        key = (record.category, str(record.message))
+        if key not in self.counts:
+            self.counts[key] = 0
+            self.order.append(key)
+        self.counts[key] += 1
+
+    def reissue(self, stacklevel: int) -> None:
+        for category, message in self.order:
+            count = self.counts[(category, message)]
+            suffix = "" if count == 1 else f" [{count} times in this run]"
+            warnings.warn(message + suffix, category, stacklevel=stacklevel)
+
+
+@contextmanager
+def warning_tally(stacklevel: int = 4) -> Iterator[WarningTally]:
+    """Collect the warnings raised inside; on leaving (normally or by an exception) issue each
+    distinct one once, with its count."""
+    tally = WarningTally()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        try:
+            yield tally
+        finally:
+            for record in records:
+                tally.add(record)
+    tally.reissue(stacklevel)
+
+
+#: How many times worse (in support negative log likelihood) adaptation may leave a task
+#: before a run is stopped rather than warned about.
+DIVERGENCE_FACTOR = 1e6
+
+
+def check_inner_loop(guide: TruncatedGradientGuide, batch: TaskBatch, step: int) -> None:
+    r"""Compare :math:`-\log p(y^s_j\mid\phi)` at the inner loop's start and at :math:`\hat\phi_j`.
+
+    Warns (:class:`InnerLoopWarning`) when adaptation raised the support loss on more than half
+    of the tasks; raises :class:`~hierbayes.errors.NumericalError` when it raised it by a factor
+    of :data:`DIVERGENCE_FACTOR` or to a non-finite value (the inner loop diverged: the meta-loss
+    would be garbage). Costs one inner loop without a graph; ``fit`` runs it every few hundred
+    meta-steps.
+    """
+    if guide.inner_steps == 0:
+        return
+    density = guide.density
+    x, y, mask = batch.support_x, batch.support_y, batch.support_mask
+    with torch.no_grad():
+        params = {k: v.detach() for k, v in guide.global_values().items()}
+        start = density.prior_mean(params, x)
+        adapted = guide.adapt(params, x, y, mask)
+        before = -density.log_likelihood(params, start, x, y, mask)
+        after = -density.log_likelihood(params, adapted, x, y, mask)
+    alpha = guide.step_size.detach()
+    described = f"{float(alpha):.3g}" if alpha.numel() == 1 else "per parameter"
+    scale = before.abs() + 1.0
+    if not bool(torch.isfinite(after).all()) or bool((after > DIVERGENCE_FACTOR * scale).any()):
+        raise NumericalError(
+            f"meta-step {step}: the inner loop diverged: {inner_steps_text(guide)} at "
+            f"step_size {described} took the support negative log likelihood from "
+            f"{float(before.max()):.4g} to {float(after.max()):.4g} on some task. Lower "
+            "step_size (it multiplies the gradient of the summed support log likelihood, so it "
+            "must shrink as tasks get more points)."
+        )
+    worse = int((after > before).sum())
+    if 2 * worse > before.numel():
+        warnings.warn(
+            f"the inner loop raised the support loss on {worse} of {before.numel()} tasks: "
+            f"step_size {described} is too large for this model and these tasks; lower it",
+            InnerLoopWarning,
+            stacklevel=2,
+        )
+
+
+def inner_steps_text(guide: TruncatedGradientGuide) -> str:
+    return f"{guide.inner_steps} inner step" + ("" if guide.inner_steps == 1 else "s")
+
+
+#: A step whose objective differs from the recent typical magnitude by more than this factor
+#: stops the run.
+JUMP_FACTOR = 1e6
+
+
+def check_jump(history: Sequence[float], value: float, step: int) -> None:
+    """Raise :class:`~hierbayes.errors.NumericalError` when ``value`` is orders of magnitude
+    away from the objective's recent values (the median magnitude of the last 20 steps)."""
+    if len(history) < 5:
+        return
+    typical = statistics.median(abs(v) for v in history[-20:])
+    if abs(value) > JUMP_FACTOR * (typical + 1.0):
+        raise NumericalError(
+            f"meta-step {step}: the objective jumped to {value:.4g} from values of magnitude "
+            f"{typical:.4g}: parameters reached extreme values (a scale near 0, a weight "
+            "overflowing). The parameters are those after the previous step."
+        )
+
+
+#: A positive global that ended below this fraction of where it started is reported.
+BOUNDARY_FRACTION = 1e-3
+
+
+def boundary_warnings(
+    sites: Sequence[Any], start: Mapping[str, Tensor], end: Mapping[str, Tensor], method: str
+) -> None:
+    """Warn, per site, when a positive global latent ended near zero (below
+    :data:`BOUNDARY_FRACTION` of its starting value)."""
+    for site in sites:
+        if not _positive(site.support) or site.name not in start or site.name not in end:
+            continue
+        first, last = start[site.name].detach(), end[site.name].detach()
+        if first.numel() != 1:
+            continue
+        a, b = float(first), float(last)
+        if math.isfinite(a) and a > 0 and b < BOUNDARY_FRACTION * a:
+            warnings.warn(
+                f"the global {site.name!r} fell from {a:.3g} to {b:.3g}, towards its boundary at "
+                f"0: the {method} objective peaks there for these tasks (for a group scale, the "
+                "marginal likelihood is maximised at 0 when the groups look alike: eight schools "
+                "is the classic case). Its point estimate is then not meaningful; keep it fixed, "
+                "give it a hyperprior that keeps it from 0, or integrate it out (NUTS over all "
+                "latents).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _positive(support: Any) -> bool:
+    r"""Whether ``support`` is :math:`(0, \infty)` or :math:`[0, \infty)` (a scale's)."""
+    if isinstance(support, constraints.independent):
+        return _positive(support.base_constraint)
+    bounded = isinstance(support, (constraints.greater_than, constraints.greater_than_eq))
+    return bounded and float(support.lower_bound) == 0.0

@@ -1,0 +1,233 @@
+r"""The meta-training loop: one step of the optimiser per batch of tasks, with guards,
+checkpoints, interruption, logging and a metrics log.
+
+Each step: sample a batch (the task sampler's own generator), the objective's fast road
+(:meth:`~hierbayes.inference.MetaObjective.meta_loss`), a finite loss and gradient (else
+:class:`~hierbayes.inference.MetaTrainingDiverged`, before the step is taken), optional
+gradient clipping, the optimiser's and the schedule's step. Every ``check_every`` steps the
+inner loop is checked (:func:`~hierbayes.inference.training.guards.check_inner_loop`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hierbayes.errors import NumericalError
+from hierbayes.inference.training.guards import check_inner_loop, check_jump
+from hierbayes.inference.training.result import (
+    FitResult,
+    MetaTrainingDiverged,
+    MetaTrainingInterrupted,
+)
+from hierbayes.tasks.batch import TaskBatch
+
+__all__ = ["TrainingControl", "TrainingRun"]
+
+logger = logging.getLogger("hierbayes.fit")
+
+
+@dataclass(frozen=True)
+class TrainingControl:
+    """The options of :func:`~hierbayes.inference.fit` that steer the loop itself."""
+
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None
+    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    clip_grad_norm: float | None = None
+    checkpoint: Path | None = None
+    checkpoint_every: int | None = None
+    metrics_log: Path | None = None
+    log_every: int = 100
+    check_every: int = 250
+
+
+class TrainingRun:
+    """One run of the loop over ``result``'s guide, objective and training state."""
+
+    def __init__(
+        self,
+        result: FitResult,
+        source: Any,
+        control: TrainingControl,
+        *,
+        dtype: torch.dtype | None,
+        device: torch.device,
+        progress: bool,
+    ) -> None:
+        self.result = result
+        self.source = source
+        self.control = control
+        self.dtype = dtype
+        self.device = device
+        self.progress = progress
+        state = result.training
+        if state is None:  # pragma: no cover - fit always sets it
+            raise RuntimeError("the result has no training state")
+        self.optimizer = state.optimizer
+        self.scheduler = state.scheduler
+        self.generator = state.generator
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def train(
+        self, meta_steps: int, callback: Callable[[int, float, FitResult], None] | None
+    ) -> None:
+        result = self.result
+        begin = len(result.history)
+        started = time.perf_counter() - result.wall_time
+        bar = tqdm(
+            range(begin, meta_steps),
+            disable=not self.progress,
+            desc=f"meta-training ({result.method})",
+            mininterval=1.0,
+            initial=begin,
+            total=meta_steps,
+        )
+        try:
+            for step in bar:
+                batch = self._sample()
+                if self.control.check_every and step % self.control.check_every == 0:
+                    self._check_inner_loop(step, batch)
+                value, grad_norm = self._step(step, batch)
+                result.history.append(value)
+                result.wall_time = time.perf_counter() - started
+                self._record(step, value, grad_norm)
+                if self.progress and step % 50 == 0:
+                    bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+                if callback is not None:
+                    callback(step, value, result)
+                every = self.control.checkpoint_every
+                if every and (step + 1) % every == 0 and step + 1 < meta_steps:
+                    self._checkpoint()
+        except KeyboardInterrupt as err:
+            result.wall_time = time.perf_counter() - started
+            where = self._checkpoint()
+            raise MetaTrainingInterrupted(
+                f"meta-training was interrupted after {len(result.history)} meta-steps"
+                + (f"; the run is saved at {where}" if where else "")
+                + " (the exception's .result holds it).",
+                result,
+            ) from err
+        except MetaTrainingDiverged:
+            result.wall_time = time.perf_counter() - started
+            self._checkpoint()
+            raise
+        finally:
+            bar.close()
+        result.wall_time = time.perf_counter() - started
+        self._checkpoint()
+
+    def _sample(self) -> TaskBatch:
+        batch: TaskBatch = self.source.sample(
+            self.result.config["meta_batch_size"], generator=self.generator, dtype=self.dtype
+        )
+        return batch.to(self.device)
+
+    def _check_inner_loop(self, step: int, batch: TaskBatch) -> None:
+        self._guarded(step, lambda: check_inner_loop(self.result.guide, batch, step))
+
+    def _guarded(self, step: int, check: Callable[[], None]) -> None:
+        try:
+            check()
+        except NumericalError as err:
+            raise MetaTrainingDiverged(f"{err} {_kept(step)}", self.result) from err
+
+    def _step(self, step: int, batch: TaskBatch) -> tuple[float, float | None]:
+        result = self.result
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            loss = result.objective.meta_loss(result.guide, batch)
+            value = float(loss.detach())
+            cause: NumericalError | None = None
+        except NumericalError as err:
+            value, cause = float("nan"), err
+        if not math.isfinite(value):
+            config = result.config
+            raise MetaTrainingDiverged(
+                f"meta-step {step}: the {result.method} objective is {value}"
+                + (f" ({cause})" if cause else "")
+                + f". {_kept(step)} Try a smaller step_size (now {config['step_size']}) or lr (now "
+                f"{config['lr']}), fewer inner_steps, or float64.",
+                result,
+            ) from cause
+        self._guarded(step, lambda: check_jump(result.history, value, step))
+        loss.backward()
+        if not _gradients_finite(self.parameters):
+            bad = sum(
+                1
+                for p in self.parameters
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            )
+            raise MetaTrainingDiverged(
+                f"meta-step {step}: the {result.method} objective is finite ({value:.6g}) but its "
+                f"gradient holds NaN or infinite values in {bad} parameter tensor(s). "
+                f"{_kept(step)} Try float64, a smaller step_size or lr.",
+                result,
+            )
+        grad_norm = None
+        if self.control.clip_grad_norm is not None:
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.control.clip_grad_norm)
+            )
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return value, grad_norm
+
+    # -- what a step leaves behind -----------------------------------------------------------------
+
+    def _record(self, step: int, value: float, grad_norm: float | None) -> None:
+        every = self.control.log_every
+        if every and step % every == 0 and logger.isEnabledFor(logging.INFO):
+            logger.info("meta-step %d: loss %.6g", step, value)
+        path = self.control.metrics_log
+        if path is None:
+            return
+        row = {
+            "step": step,
+            "loss": value,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "grad_norm": grad_norm,
+            "seconds": round(self.result.wall_time, 6),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def _checkpoint(self) -> Path | None:
+        path = self.control.checkpoint
+        if path is None:
+            return None
+        self.result.save(path)
+        logger.info("checkpoint written to %s", os.fspath(path))
+        return path
+
+
+def _kept(step: int) -> str:
+    """Where the parameters in the exception's result stand."""
+    if step == 0:
+        return "No step was taken: the exception's .result holds the initial state."
+    return f"The exception's .result holds the parameters after meta-step {step - 1}."
+
+
+def _gradients_finite(parameters: list[Tensor]) -> bool:
+    """Whether every gradient is finite, with one synchronisation: a sum is NaN or infinite
+    when any of its terms is (an overflow of finite terms would only cause a false alarm)."""
+    total: Tensor | None = None
+    for p in parameters:
+        if p.grad is not None:
+            s = p.grad.sum()
+            total = s if total is None else total + s
+    return total is None or bool(torch.isfinite(total))
