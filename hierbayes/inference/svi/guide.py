@@ -40,6 +40,7 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
+from torch.distributions import transform_to
 
 from hierbayes.errors import TaskDataError
 from hierbayes.inference.core.inner_loop import adapt_tasks
@@ -60,6 +61,22 @@ class InitialValuesModel(Protocol):
     """A model that says where the guide should start its global latents."""
 
     def initial_values(self) -> Mapping[str, Tensor]: ...
+
+
+def _to_support(support: constraints.Constraint) -> Callable[[Tensor], Tensor]:
+    """``transform_to(support)`` as a plain function, with the two common cases written out
+    (the same numbers: identity for real values, ``exp`` for :math:`(0, \\infty)`)."""
+    base = support.base_constraint if isinstance(support, constraints.independent) else support
+    if base is constraints.real:
+        return _identity
+    if isinstance(base, constraints.greater_than) and float(base.lower_bound) == 0.0:
+        return torch.exp
+    transform: Callable[[Tensor], Tensor] = transform_to(support)
+    return transform
+
+
+def _identity(value: Tensor) -> Tensor:
+    return value
 
 
 def _deep_getattr(obj: Any, dotted: str) -> Tensor:
@@ -150,6 +167,17 @@ class TruncatedGradientGuide(PyroModule):
             value = defaults.get(site.name, site.prior_mean)
             value = torch.as_tensor(value).to(site.prior_mean).expand(site.shape).clone()
             deep_setattr(self.locs, site.name, PyroParam(value, site.support, site.event_dim))
+        #: (site, the module holding its unconstrained parameter, the parameter's name, the
+        #: map to the site's support): the fast road's read of each point estimate
+        self._readers: list[tuple[str, torch.nn.Module, str, Callable[[Tensor], Tensor]]] = []
+        for site in self.structure.global_sites:
+            *path, leaf = site.name.split(".")
+            owner: torch.nn.Module = self.locs
+            for part in path:
+                owner = getattr(owner, part)
+            self._readers.append(
+                (site.name, owner, f"{leaf}_unconstrained", _to_support(site.support))
+            )
 
         D = self.structure.num_params
         ref = x if torch.is_floating_point(x) else torch.zeros((), dtype=torch.get_default_dtype())
@@ -179,13 +207,15 @@ class TruncatedGradientGuide(PyroModule):
         return cast(Tensor, self.step_size_param)
 
     def global_values(self) -> dict[str, Tensor]:
-        """The current point estimates of the global latents, ``{site: value}``.
+        """The current point estimates of the global latents, ``{site: value}``: each site's
+        unconstrained parameter through its constraint's transform, without Pyro's
+        bookkeeping (the fast road's read; differentiable)."""
+        return {name: transform(getattr(owner, leaf)) for name, owner, leaf, transform in self._readers}
 
-        Read through ``PyroModule``: inside the guide's own call (and so under any handler
-        around it) each read is a ``pyro.param`` statement that ``SVI``'s parameter capture and
-        a user's ``poutine.trace`` see; outside it, the constrained value of the same leaf
-        tensor, without Pyro's bookkeeping.
-        """
+    def traced_global_values(self) -> dict[str, Tensor]:
+        """The same values read through ``PyroModule`` attributes: inside the guide's call each
+        read is a ``pyro.param`` statement that ``SVI``'s parameter capture and a user's
+        ``poutine.trace`` see (what :meth:`forward` uses)."""
         return {
             site.name: _deep_getattr(self.locs, site.name) for site in self.structure.global_sites
         }
@@ -231,7 +261,7 @@ class TruncatedGradientGuide(PyroModule):
                 "the truncated-gradient guide adapts each task to its support targets: call it "
                 "as guide(support_x, support_y)"
             )
-        params = self.global_values()
+        params = self.traced_global_values()
         for site in self.structure.global_sites:
             pyro.sample(site.name, dist.Delta(params[site.name], event_dim=site.event_dim))
         phi = self.adapt(params, x, y, mask)
