@@ -210,5 +210,13 @@ def test_objectives_refuse_missing_capabilities_before_training() -> None:
     from hierbayes.errors import ModelContractError
 
     batch = logistic_batch()
-    with pytest.raises(ModelContractError, match="curvature='ggn'"):
-        fit(logistic, batch, method="llama", objective="evidence", meta_steps=1, progress=False)
+    with pytest.raises(ModelContractError, match="curvature='kfac'"):
+        fit(
+            logistic,
+            batch,
+            method="llama",
+            objective="evidence",
+            curvature="kfac",
+            meta_steps=1,
+            progress=False,
+        )
