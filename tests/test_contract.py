@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from hierbayes.errors import ModelContractError
+from hierbayes.errors import ModelContractError, TaskDataError
 from hierbayes.inference import fit
 from hierbayes.models import (
     BayesianLinearRegression,
@@ -173,3 +173,39 @@ def test_a_plain_pyro_program_meta_trains_through_the_generic_path() -> None:
     learned = pyro.param("user_theta").detach()
     assert float((learned - true_theta).norm()) < 0.3
     assert result.history[-1] < result.history[0]
+
+
+def _points_then_tasks(x, y=None):  # type: ignore[no-untyped-def]
+    theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+    with pyro.plate("tasks", x.shape[0], dim=-1):
+        phi = pyro.sample("phi", dist.Normal(theta, 1.0).to_event(1))
+        mean = (x[..., 0] * phi[:, None, 0] + phi[:, None, 1]).T
+        with pyro.plate("data", x.shape[1], dim=-2):
+            pyro.sample("y", dist.Normal(mean, 0.5), obs=None if y is None else y[..., 0].T)
+
+
+def _no_global(x, y=None):  # type: ignore[no-untyped-def]
+    with pyro.plate("tasks", x.shape[0], dim=-2):
+        phi = pyro.sample("phi", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[1], dim=-1):
+            mean = x[..., 0] * phi[..., 0] + phi[..., 1]
+            pyro.sample("y", dist.Normal(mean, 0.5), obs=None if y is None else y[..., 0])
+
+
+def test_contract_gaps_are_named_before_training() -> None:
+    """repro_10: each gap gets an error that names the problem and the fix."""
+    from hierbayes.inference import fit
+    from hierbayes.models import NeuralRegression
+
+    b = TaskBatch(
+        torch.randn(6, 5, 1), torch.randn(6, 5, 1), torch.randn(6, 7, 1), torch.randn(6, 7, 1)
+    )
+    with pytest.raises(ModelContractError, match=r"laid out \(points, tasks\).*dim=-2"):
+        model_structure(_points_then_tasks, b.support_x, b.support_y)
+    with pytest.raises(ModelContractError, match="nothing for meta-training to learn"):
+        fit(_no_global, b, meta_steps=2, progress=False)
+    with pytest.raises(ModelContractError, match="fit needs a model"):
+        fit(None, b, meta_steps=2, progress=False)
+    result = fit(NeuralRegression(), b, meta_steps=2, progress=False)
+    with pytest.raises(TaskDataError, match=r"x has shape \(6, 5, 3\).*each point of shape \(1,\)"):
+        result.predict(b, torch.randn(6, 5, 3))

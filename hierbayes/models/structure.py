@@ -35,12 +35,13 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from hierbayes.errors import ModelContractError
+from hierbayes.errors import ModelContractError, TaskDataError
 
 __all__ = [
     "TASKS_PLATE",
     "GlobalSite",
     "ModelStructure",
+    "check_inputs",
     "model_structure",
     "per_task_log_prob",
     "trace_nodes",
@@ -86,6 +87,8 @@ class ModelStructure:
     tasks_dim: int
     observed_sites: tuple[str, ...]
     data_dims: Mapping[str, int | None]
+    #: The shape of one input point, ``x.shape[2:]`` of the batch the model was traced on.
+    input_shape: tuple[int, ...] = ()
 
     @property
     def num_params(self) -> int:
@@ -139,6 +142,12 @@ def _prior_mean(site: Mapping[str, Any]) -> Tensor:
 
 def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> ModelStructure:
     """Trace ``model(x, y)`` once and check it against the hierbayes model contract."""
+    if not callable(model):
+        raise ModelContractError(
+            f"the model must be a Pyro program, a callable model(x, y=None); got "
+            f"{type(model).__name__}. {_CONTRACT}"
+        )
+
     try:
         with poutine.block():
             trace = poutine.trace(model).get_trace(x, y)
@@ -237,6 +246,14 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
         site = trace_nodes(trace)[name]
         others = [f for f in site["cond_indep_stack"] if f.name != TASKS_PLATE and f.vectorized]
         data_dims[name] = others[0].dim if len(others) == 1 else None
+        if data_dims[name] is not None and data_dims[name] <= tasks_dim:  # type: ignore[operator]
+            raise ModelContractError(
+                f"observed site {name!r} has its data plate (dim={data_dims[name]}) left of the "
+                f"tasks plate (dim={tasks_dim}), so its values are laid out (points, tasks): "
+                "hierbayes reads observations as (tasks, points). Put pyro.plate('tasks', T, "
+                "dim=-2) outside and pyro.plate('data', N, dim=-1) inside, so y[j, n] is point n "
+                "of task j."
+            )
     return ModelStructure(
         global_sites=tuple(globals_),
         param_sites=tuple(params),
@@ -246,6 +263,7 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
         tasks_dim=tasks_dim,
         observed_sites=tuple(observed),
         data_dims=data_dims,
+        input_shape=tuple(x.shape[2:]),
     )
 
 
@@ -296,3 +314,14 @@ def per_task_log_prob(
     if total is None:
         raise ModelContractError("the model has no observed site to score")
     return total
+
+
+def check_inputs(structure: ModelStructure, x: Tensor, field: str) -> None:
+    """Raise :class:`~hierbayes.errors.TaskDataError` unless ``x`` is ``(tasks, points,
+    *input_shape)`` with the input shape the model was built for."""
+    if x.dim() < 2 or tuple(x.shape[2:]) != structure.input_shape:
+        raise TaskDataError(
+            f"{field} has shape {tuple(x.shape)}; the model was built for inputs of shape "
+            f"(tasks, points, {', '.join(map(str, structure.input_shape)) or '...'}): each point "
+            f"of shape {structure.input_shape}"
+        )

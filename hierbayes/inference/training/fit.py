@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hierbayes.errors import ModelContractError
 from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
 from hierbayes.inference.svi.objectives import MetaObjective
 from hierbayes.inference.training.checks import (
@@ -215,6 +216,11 @@ def _fit(
         method_options["objective"] = objective
         objective = None
     check_arguments(spec, meta_steps, meta_batch_size, lr, guide_options, control, method_options)
+    if not callable(model):
+        raise ModelContractError(
+            f"fit needs a model: a Pyro program model(x, y=None) (or a hierbayes TaskModel); "
+            f"got {type(model).__name__}"
+        )
     saved = read_run(resume) if resume is not None else None
     dev = _resolve_device(device)
     source = as_task_source(tasks)
@@ -270,6 +276,13 @@ def _fit(
     result = FitResult(model, guide, objective, method, [], config)
     result.example = (first.support_x[:1].detach(), first.support_y[:1].detach())
     parameters = trainable_parameters(model, guide)
+    if not parameters:
+        raise ModelContractError(
+            "the model has nothing for meta-training to learn: no global latent (a sample site "
+            "outside pyro.plate('tasks')), no pyro.param and no learned step size. Add theta, "
+            "e.g. theta = pyro.sample('theta', dist.Normal(torch.zeros(D), 10.0).to_event(1)), "
+            "and use it as the prior mean of the per-task latent"
+        )
     optim = (
         control.optimizer(parameters)
         if control.optimizer is not None

@@ -19,6 +19,7 @@ from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.svi.objectives import MetaObjective
 from hierbayes.inference.training.methods import get_method
 from hierbayes.inference.training.persistence import run_state, write_atomic
+from hierbayes.models.structure import check_inputs
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = [
@@ -150,6 +151,7 @@ class FitResult:
                 raise TaskDataError("adapt needs support_y, the targets of the support set")
             batch = TaskBatch(support_x, support_y, support_mask=mask)
         batch = batch.to(self.device, dtype=self.config.get("dtype"))
+        check_inputs(self.guide.structure, batch.support_x, "support_x")
         if step_size is not None and (self.guide.learn_step_size != "fixed" or not step_size > 0):
             raise ValueError("step_size can be overridden only for a fixed, positive step size")
         with torch.no_grad():
@@ -169,6 +171,7 @@ class FitResult:
         posterior = self.adapt(batch)
         if x is None:
             x, _, _ = batch.require_query("predict without x")
+        check_inputs(self.guide.structure, x, "x")
         return posterior.predict(self._move(x), **kwargs)
 
     def _move(self, t: Tensor) -> Tensor:
