@@ -246,7 +246,7 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
         site = trace_nodes(trace)[name]
         others = [f for f in site["cond_indep_stack"] if f.name != TASKS_PLATE and f.vectorized]
         data_dims[name] = others[0].dim if len(others) == 1 else None
-        if data_dims[name] is not None and data_dims[name] <= tasks_dim:  # type: ignore[operator]
+        if data_dims[name] is not None and data_dims[name] <= tasks_dim:
             raise ModelContractError(
                 f"observed site {name!r} has its data plate (dim={data_dims[name]}) left of the "
                 f"tasks plate (dim={tasks_dim}), so its values are laid out (points, tasks): "
