@@ -20,13 +20,21 @@ call per step serves the whole plate.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
 
-from hierbayes.models.density import TaskDensity
+from hierbayes.models.density import NetworkDensity, TaskDensity, capabilities
 
-__all__ = ["adapt_tasks", "gradient_steps"]
+__all__ = [
+    "InnerLoss",
+    "adapt_tasks",
+    "effective_step_size",
+    "gradient_steps",
+    "mean_squared_error",
+    "support_counts",
+]
 
 
 def gradient_steps(
@@ -81,6 +89,42 @@ def gradient_steps(
     return phi if outer_grad else phi.detach()
 
 
+InnerLoss = Literal["sum", "mean", "mse"]
+
+
+def support_counts(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The number of real support points of each task, ``(T,)``, as ``x``'s dtype."""
+    if mask is None:
+        return torch.full((x.shape[0],), float(x.shape[1]), dtype=_float(x), device=x.device)
+    return mask.sum(1).to(_float(x)).clamp_min(1.0)
+
+
+def _float(x: Tensor) -> torch.dtype:
+    return x.dtype if torch.is_floating_point(x) else torch.get_default_dtype()
+
+
+def mean_squared_error(
+    density: TaskDensity,
+    params: Mapping[str, Tensor],
+    phi: Tensor,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor | None = None,
+) -> Tensor:
+    r"""Each task's mean squared error :math:`\frac1{N_j}\sum_n\lVert y_{jn} - f(x_{jn};\phi_j)
+    \rVert^2`, ``(T,)``, for a network model (the inner loss of Finn et al. 2017)."""
+    capabilities(density).require(
+        "network",
+        "inner_loss='mse'",
+        "use inner_loss='mean' (the mean negative log likelihood) for this model",
+    )
+    f = cast(NetworkDensity, density).outputs(params, phi, x)
+    sq = (y.reshape(f.shape) - f).square().reshape(f.shape[0], f.shape[1], -1).sum(-1)
+    if mask is not None:
+        sq = torch.where(mask, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
+    return sq.sum(-1) / support_counts(x, mask)
+
+
 def adapt_tasks(
     density: TaskDensity,
     params: Mapping[str, Tensor],
@@ -92,21 +136,42 @@ def adapt_tasks(
     step_size: Tensor | float,
     first_order: bool = False,
     joint: bool = False,
+    loss: InnerLoss = "sum",
 ) -> Tensor:
     r""":math:`\hat\phi` ``(T, D)``: ``steps`` gradient steps from the prior mean on each task's
     support data ``x`` ``(T, N, ...)``, ``y``, ``mask`` ``(T, N)``.
 
-    The step is on :math:`\log p(y^s_j\mid\phi, x^s_j)` (MAML), or on the log joint
-    :math:`\log p(y^s_j\mid\phi) + \log p(\phi\mid\theta)` when ``joint``; it starts at
-    :math:`\mathbb E[\phi\mid\theta]` (``density.prior_mean``). A pure function of ``params``
-    and ``step_size``: nothing is mutated, and the result is differentiable in both.
+    ``loss`` chooses what each step climbs, with :math:`N_j` the task's support points:
+
+    * ``"sum"``: :math:`\log p(y^s_j\mid\phi)` (the hierarchical model's own likelihood);
+    * ``"mean"``: :math:`\frac1{N_j}\log p(y^s_j\mid\phi)`: the step no longer grows with
+      :math:`N_j`;
+    * ``"mse"``: :math:`-\frac1{N_j}\sum_n\lVert y_{jn}-f(x_{jn};\phi)\rVert^2`, MAML's own
+      step (Finn et al. 2017) for a network model: independent of :math:`N_j` and of a learned
+      noise scale :math:`\sigma`. For a Gaussian likelihood it equals the ``"sum"`` step with
+      :math:`\alpha_{\text{sum}} = 2\sigma^2\alpha/N_j` (:func:`effective_step_size`).
+
+    With ``joint`` the step adds :math:`\log p(\phi\mid\theta)` (scaled by :math:`1/N_j` with
+    ``"mean"``); it starts at :math:`\mathbb E[\phi\mid\theta]` (``density.prior_mean``). A
+    pure function of ``params`` and ``step_size``: nothing is mutated, and the result is
+    differentiable in both.
     """
+    if loss not in ("sum", "mean", "mse"):
+        raise ValueError(f"inner loss must be 'sum', 'mean' or 'mse'; got {loss!r}")
+    if loss == "mse" and joint:
+        raise ValueError(
+            "inner_loss='mse' is MAML's likelihood-only step; for a step on the log joint use "
+            "inner_loss='mean' or 'sum' with inner_objective='joint'"
+        )
+    scale = None if loss == "sum" else 1.0 / support_counts(x, mask)
 
     def log_density(phi: Tensor) -> Tensor:
+        if loss == "mse":
+            return -mean_squared_error(density, params, phi, x, y, mask)
         value = density.log_likelihood(params, phi, x, y, mask)
         if joint:
             value = value + density.log_prior(params, phi, x)
-        return value
+        return value if scale is None else value * scale
 
     return gradient_steps(
         log_density,
@@ -115,3 +180,30 @@ def adapt_tasks(
         step_size=step_size,
         first_order=first_order,
     )
+
+
+def effective_step_size(
+    density: TaskDensity,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    mask: Tensor | None,
+    step_size: Tensor | float,
+    loss: InnerLoss,
+) -> Tensor:
+    r"""The step size on the summed log likelihood that each task's step amounts to, ``(T,)``
+    (or ``(T, D)`` for per-parameter steps): :math:`\alpha` (``"sum"``), :math:`\alpha/N_j`
+    (``"mean"``) or :math:`2\sigma^2\alpha/N_j` (``"mse"``, Gaussian likelihoods)."""
+    alpha = torch.as_tensor(step_size, dtype=_float(x), device=x.device)
+    counts = support_counts(x, mask)
+    per_task = torch.ones_like(counts)
+    if loss == "mean":
+        per_task = 1.0 / counts
+    elif loss == "mse":
+        caps = capabilities(density)
+        caps.require("gaussian", "the effective step of inner_loss='mse'", "use 'mean'")
+        net = cast(NetworkDensity, density)
+        phi = density.prior_mean(params, x[:, :1])
+        f = net.outputs(params, phi, x[:, :1])
+        sigma2 = net.noise_variance(params, phi, f).reshape(x.shape[0], -1)[:, 0]
+        per_task = 2.0 * sigma2 / counts
+    return per_task * alpha if alpha.dim() == 0 else per_task[:, None] * alpha

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.distributions import transform_to
 
 from hierbayes.errors import TaskDataError
-from hierbayes.inference.core.inner_loop import adapt_tasks
+from hierbayes.inference.core.inner_loop import InnerLoss, adapt_tasks, effective_step_size
 from hierbayes.models.density import TaskDensity, task_density
 from hierbayes.models.structure import ModelStructure, model_structure
 from hierbayes.tasks.batch import TaskBatch
@@ -105,10 +105,11 @@ class TruncatedGradientGuide(PyroModule):
     inner_steps:
         :math:`k`.
     step_size:
-        :math:`\alpha` (its initial value when learned). It multiplies the gradient of the
-        summed support log likelihood; for a Gaussian likelihood with noise :math:`\sigma` and
-        ``N`` support points, MAML's step :math:`\alpha_{\mathrm{MSE}}` on the mean squared
-        error corresponds to :math:`\alpha = 2\sigma^2\alpha_{\mathrm{MSE}}/N`.
+        :math:`\alpha` (its initial value when learned). With ``inner_loss="sum"`` it
+        multiplies the gradient of the summed support log likelihood; for a Gaussian likelihood
+        with noise :math:`\sigma` and ``N`` support points, MAML's step
+        :math:`\alpha_{\mathrm{MSE}}` on the mean squared error corresponds to
+        :math:`\alpha = 2\sigma^2\alpha_{\mathrm{MSE}}/N` (:meth:`effective_step_size`).
     learn_step_size:
         ``"fixed"`` (MAML), ``"scalar"`` (one learned :math:`\alpha`) or ``"per_parameter"``
         (Meta-SGD's diagonal preconditioner). Learned step sizes stay positive (they are stored
@@ -118,6 +119,11 @@ class TruncatedGradientGuide(PyroModule):
     inner_objective:
         ``"likelihood"`` steps on :math:`\log p(y^s\mid\phi)` (MAML); ``"joint"`` adds the
         model's :math:`\log p(\phi\mid\theta)`.
+    inner_loss:
+        ``"sum"`` (the summed log likelihood, default), ``"mean"`` (divided by each task's
+        number of support points) or ``"mse"`` (MAML's mean squared error, for network models:
+        the step no longer depends on the number of points or on a learned noise scale). See
+        :func:`~hierbayes.inference.core.inner_loop.adapt_tasks`.
     init_values:
         Initial values of global latents by site name; by default the model's
         ``initial_values()`` where it has one, else each site's prior mean.
@@ -133,6 +139,7 @@ class TruncatedGradientGuide(PyroModule):
         learn_step_size: StepSizeMode = "fixed",
         first_order: bool = False,
         inner_objective: InnerObjective = "likelihood",
+        inner_loss: InnerLoss = "sum",
         init_values: Mapping[str, Tensor] | None = None,
     ) -> None:
         super().__init__(name=f"TruncatedGradientGuide_{next(_INSTANCES)}")
@@ -148,6 +155,13 @@ class TruncatedGradientGuide(PyroModule):
             raise ValueError(
                 f"inner_objective must be 'likelihood' or 'joint'; got {inner_objective!r}"
             )
+        if inner_loss not in ("sum", "mean", "mse"):
+            raise ValueError(f"inner_loss must be 'sum', 'mean' or 'mse'; got {inner_loss!r}")
+        if inner_loss == "mse" and inner_objective == "joint":
+            raise ValueError(
+                "inner_loss='mse' is MAML's likelihood-only step; use inner_loss='mean' with "
+                "inner_objective='joint'"
+            )
         x, y = (example.support_x, example.support_y) if isinstance(example, TaskBatch) else example
         self._model = (model,)  # a tuple, so the model is not registered as a submodule
         self.structure: ModelStructure = model_structure(model, x, y)
@@ -156,6 +170,7 @@ class TruncatedGradientGuide(PyroModule):
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.inner_objective: InnerObjective = inner_objective
+        self.inner_loss: InnerLoss = inner_loss
         self.learn_step_size: StepSizeMode = learn_step_size
 
         defaults: dict[str, Tensor] = (
@@ -251,7 +266,18 @@ class TruncatedGradientGuide(PyroModule):
             step_size=alpha,
             first_order=self.first_order,
             joint=self.inner_objective == "joint",
+            loss=self.inner_loss,
         )
+
+    def effective_step_size(
+        self, params: Mapping[str, Tensor], x: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        """The step on the summed support log likelihood each task's inner step amounts to,
+        ``(T,)`` (see :func:`~hierbayes.inference.core.inner_loop.effective_step_size`)."""
+        with torch.no_grad():
+            return effective_step_size(
+                self.density, params, x, mask, self.step_size.detach(), self.inner_loss
+            )
 
     def forward(
         self, x: Tensor, y: Tensor | None = None, mask: Tensor | None = None

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from hierbayes.errors import ModelContractError
+from hierbayes.inference.core.inner_loop import InnerLoss
 from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
 from hierbayes.inference.svi.objectives import MetaObjective
 from hierbayes.inference.training.checks import (
@@ -65,6 +66,7 @@ def fit(
     learn_step_size: StepSizeMode = "fixed",
     first_order: bool = False,
     inner_objective: InnerObjective = "likelihood",
+    inner_loss: InnerLoss = "sum",
     lr: float = 1e-3,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -101,7 +103,7 @@ def fit(
         The total number of meta-steps of the run (a resumed run continues up to it).
     meta_batch_size, lr:
         Tasks per step, and the learning rate of the default optimiser (Adam).
-    inner_steps, step_size, learn_step_size, first_order, inner_objective:
+    inner_steps, step_size, learn_step_size, first_order, inner_objective, inner_loss:
         The guide's options (:class:`~hierbayes.inference.TruncatedGradientGuide`).
     seed:
         Seeds both torch and the task sampler; a run is reproducible on one device.
@@ -167,6 +169,7 @@ def fit(
                 learn_step_size=learn_step_size,
                 first_order=first_order,
                 inner_objective=inner_objective,
+                inner_loss=inner_loss,
             ),
             lr=lr,
             seed=seed,

@@ -20,7 +20,14 @@ from hierbayes.inference.training.result import FitResult
 
 __all__ = ["load"]
 
-_GUIDE_OPTIONS = ("inner_steps", "step_size", "learn_step_size", "first_order", "inner_objective")
+_GUIDE_OPTIONS = (
+    "inner_steps",
+    "step_size",
+    "learn_step_size",
+    "first_order",
+    "inner_objective",
+    "inner_loss",
+)
 
 
 def load(

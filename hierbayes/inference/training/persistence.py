@@ -259,6 +259,7 @@ RUN_SETTINGS = (
     "learn_step_size",
     "first_order",
     "inner_objective",
+    "inner_loss",
     "lr",
     "seed",
     "dtype",
