@@ -78,3 +78,18 @@ def test_mse_with_a_joint_step_is_refused_and_fit_passes_the_option() -> None:
         NeuralRegression(tiny_mlp(3)), batch, inner_loss="mse", meta_steps=2, progress=False
     )
     assert result.guide.inner_loss == "mse" and result.config["inner_loss"] == "mse"
+
+
+def test_a_learned_prior_scale_without_hyperprior_is_a_parameter_that_fit_and_svi_train() -> None:
+    batch = regression_batch()
+    model = NeuralRegression(
+        tiny_mlp(4), prior_scale=0.1, learn_prior_scale=True, prior_scale_hyperprior=None
+    )
+    assert "prior_scale" not in [
+        s.name for s in TruncatedGradientGuide(model, batch).structure.global_sites
+    ]
+    before = float(model.prior_scale_param.detach())
+    result = fit(model, batch, method="llama", meta_steps=5, lr=0.05, progress=False)
+    after = float(model.prior_scale_param.detach())
+    assert after != before
+    assert result.params["prior_scale_param"].item() == after

@@ -392,6 +392,9 @@ def jax_params(
     _, jnp = require_jax()
     values: dict[str, Tensor] = {k: v for k, v in params.items() if isinstance(v, Tensor)}
     values["theta"] = model.theta_of(params)
+    if model.learn_prior_scale:  # a latent site, or the model's own pyro.param
+        scale = torch.as_tensor(model.prior_scale_of(params))
+        values["prior_scale"] = scale if scale.dim() == 0 else scale[0]
     out: dict[str, Any] = {}
     for name, value in values.items():
         array = np.asarray(value.detach().cpu().numpy())

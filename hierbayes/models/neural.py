@@ -46,7 +46,7 @@ class NeuralRegression(TaskModel):
         :math:`\log\sigma_j`, and its prior mean joins :math:`\theta`.
     per_task_noise_scale:
         Prior scale of :math:`\log\sigma_j` around that mean.
-    prior_scale, learn_prior_scale, hyperprior_scale:
+    prior_scale, learn_prior_scale, hyperprior_scale, prior_scale_hyperprior:
         As in :class:`~hierbayes.models.TaskModel`.
     """
 
@@ -61,6 +61,7 @@ class NeuralRegression(TaskModel):
         hyperprior_scale: float | None = 10.0,
         per_task_noise: bool = False,
         per_task_noise_scale: float = 0.5,
+        prior_scale_hyperprior: float | None = 1.0,
     ) -> None:
         super().__init__(
             network if network is not None else sinusoid_network(),
@@ -73,6 +74,7 @@ class NeuralRegression(TaskModel):
             prior_scale=prior_scale,
             learn_prior_scale=learn_prior_scale,
             hyperprior_scale=hyperprior_scale,
+            prior_scale_hyperprior=prior_scale_hyperprior,
         )
         if network is None:
             self.constructor = {
@@ -85,5 +87,6 @@ class NeuralRegression(TaskModel):
                     hyperprior_scale=hyperprior_scale,
                     per_task_noise=per_task_noise,
                     per_task_noise_scale=per_task_noise_scale,
+                    prior_scale_hyperprior=prior_scale_hyperprior,
                 ),
             }

@@ -24,6 +24,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor, nn
 
@@ -59,8 +60,13 @@ class TaskModel(PyroModule):
         :math:`s` in :math:`\phi_j \sim \mathcal N(\theta, s^2 I)`, or its initial value when
         ``learn_prior_scale``.
     learn_prior_scale:
-        Make :math:`s` a global latent ``prior_scale`` with hyperprior
-        :math:`\log s \sim \mathcal N(\log s_0, 1)`.
+        Learn :math:`s`: a global latent ``prior_scale`` with hyperprior
+        :math:`\log s \sim \mathcal N(\log s_0, \omega^2)`, or a ``pyro.param`` with no
+        hyperprior when ``prior_scale_hyperprior is None``.
+    prior_scale_hyperprior:
+        :math:`\omega`, the hyperprior's scale on :math:`\log s` (default 1); ``None`` learns
+        :math:`s` by plain empirical Bayes (the configuration of the issue-14 prototype, which
+        learned :math:`\log\tau = -2\log s` with no hyperprior).
     hyperprior_scale:
         :math:`s_\theta`; ``None`` makes :math:`\theta` a ``pyro.param`` (plain empirical Bayes).
     theta_init:
@@ -81,6 +87,7 @@ class TaskModel(PyroModule):
         learn_prior_scale: bool = False,
         hyperprior_scale: float | None = 10.0,
         theta_init: Tensor | None = None,
+        prior_scale_hyperprior: float | None = 1.0,
     ) -> None:
         super().__init__(name=f"{type(self).__name__}_{next(_INSTANCES)}")
         if not prior_scale > 0:
@@ -90,6 +97,11 @@ class TaskModel(PyroModule):
         self.prior_scale_init = float(prior_scale)
         self.learn_prior_scale = learn_prior_scale
         self.hyperprior_scale = hyperprior_scale
+        if prior_scale_hyperprior is not None and not prior_scale_hyperprior > 0:
+            raise ValueError(
+                f"prior_scale_hyperprior must be positive or None; got {prior_scale_hyperprior}"
+            )
+        self.prior_scale_hyperprior = prior_scale_hyperprior
         self.num_network_params = self.net.num_params
         self.num_task_likelihood_params = likelihood.num_task_params
         D = self.num_network_params + self.num_task_likelihood_params
@@ -111,6 +123,10 @@ class TaskModel(PyroModule):
         self.constructor: dict[str, Any] | None = None
         if hyperprior_scale is None:
             self.theta = PyroParam(init.clone())
+        if learn_prior_scale and prior_scale_hyperprior is None:
+            self.prior_scale_param = PyroParam(
+                init.new_tensor(float(prior_scale)), constraints.positive
+            )
 
     @property
     def num_params(self) -> int:
@@ -150,9 +166,10 @@ class TaskModel(PyroModule):
             priors["theta"] = dist.Normal(ref, self.hyperprior_scale).to_event(1)
         for name, prior in self.likelihood.global_priors().items():
             priors[name] = _to_like(prior, ref)
-        if self.learn_prior_scale:
+        if self._prior_scale_is_latent:
             priors["prior_scale"] = dist.LogNormal(
-                ref.new_tensor(math.log(self.prior_scale_init)), ref.new_tensor(1.0)
+                ref.new_tensor(math.log(self.prior_scale_init)),
+                ref.new_tensor(float(cast(float, self.prior_scale_hyperprior))),
             )
         return priors
 
@@ -181,7 +198,13 @@ class TaskModel(PyroModule):
     def prior_scale_of(self, params: Mapping[str, Tensor]) -> Tensor | float:
         """:math:`s` of :math:`p(\\phi\\mid\\theta)`: learned or fixed; a ``(D,)`` vector when the
         likelihood has per-task parameters (they keep their own scale)."""
-        scale = params["prior_scale"] if self.learn_prior_scale else self.prior_scale_init
+        scale: Tensor | float
+        if self._prior_scale_is_latent:
+            scale = params["prior_scale"]
+        elif self.learn_prior_scale:
+            scale = cast(Tensor, self.prior_scale_param)
+        else:
+            scale = self.prior_scale_init
         k = self.num_task_likelihood_params
         if k == 0:
             return scale
@@ -195,9 +218,14 @@ class TaskModel(PyroModule):
         values = {k: v.to(ref) for k, v in self.likelihood.initial_values().items()}
         if self.hyperprior_scale is not None:
             values["theta"] = ref.clone()
-        if self.learn_prior_scale:
+        if self._prior_scale_is_latent:
             values["prior_scale"] = ref.new_tensor(self.prior_scale_init)
         return values
+
+    @property
+    def _prior_scale_is_latent(self) -> bool:
+        """Whether :math:`s` is a global sample site (learned, with a hyperprior)."""
+        return self.learn_prior_scale and self.prior_scale_hyperprior is not None
 
     def _apply(self, fn: Any, recurse: bool = True) -> TaskModel:
         # .to() / .double() / .cuda() also reach the wrapped network's buffers (batch-norm

@@ -316,10 +316,12 @@ def _reported_by_model(model: Any, name: str) -> bool:
 def _warn_if_prior_collapsed(model: Any, result: FitResult) -> None:
     """Warn when a learned prior scale ended far below where it started: the Laplace posterior
     N(phi_hat, H^-1) is then close to a point mass."""
-    scale = result.params.get("prior_scale")
-    start = model.prior_scale_init if isinstance(model, TaskModel) else None
-    if scale is None or start is None or scale.numel() != 1:
+    if not isinstance(model, TaskModel) or not model.learn_prior_scale:
         return
+    start = model.prior_scale_init
+    with torch.no_grad():
+        learned = model.prior_scale_of(result.guide.global_values())
+    scale = learned.reshape(-1)[0] if isinstance(learned, Tensor) else torch.tensor(learned)
     if float(scale) < 0.01 * float(start):
         warnings.warn(
             f"the learned prior scale fell from {start:g} to {float(scale):.3g}: the {result.method} "
