@@ -127,6 +127,18 @@ def _sinusoid_parser(sub: Any) -> None:
         help="learn s with the predictive or evidence objective (it tends to collapse)",
     )
     p.add_argument(
+        "--prior-scale-hyperprior",
+        default="1.0",
+        help="scale of the LogNormal hyperprior on a learned prior scale, or 'none' for none",
+    )
+    p.add_argument(
+        "--inner-loss",
+        default="sum",
+        choices=["sum", "mean", "mse"],
+        help="the inner step's loss: summed log likelihood (default), its per-point mean, or "
+        "MAML's support MSE with --inner-lr as the step (independent of the learned noise)",
+    )
+    p.add_argument(
         "--per-task-noise",
         action="store_true",
         help="give each task its own noise scale, adapted with the network (a calibration remedy)",
@@ -183,6 +195,12 @@ def _run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
         per_task_noise=args.per_task_noise,
         prior_scale=args.prior_scale,
         learn_prior_scale=args.learn_prior_scale,
+        prior_scale_hyperprior=(
+            None
+            if args.prior_scale_hyperprior.lower() == "none"
+            else float(args.prior_scale_hyperprior)
+        ),
+        inner_loss=args.inner_loss,
         method_options=options,
         learn_step_size=args.learn_step_size,
         compare_maml=not args.no_compare_maml,

@@ -76,12 +76,23 @@ class SinusoidConfig:
     compare_maml: bool = True
     #: Predictive samples for the sampled Laplace predictive (0 skips it).
     predictive_samples: int = 100
+    #: What the inner step climbs: "sum" (the summed log likelihood, with the step below),
+    #: "mean" (per support point) or "mse" (MAML's support MSE with ``inner_lr`` itself: the
+    #: step then depends on neither the learned noise nor K, as in the issue-14 prototype).
+    inner_loss: str = "sum"
+    #: Scale of the LogNormal hyperprior on a learned prior scale; None learns it with none.
+    prior_scale_hyperprior: float | None = 1.0
 
     @property
     def step_size(self) -> float:
-        r"""The guide's step on the summed log likelihood equivalent to MAML's ``inner_lr`` on
-        the support MSE, at the initial noise scale :math:`\sigma_0 = 1`:
-        :math:`\alpha = 2\sigma_0^2\,\alpha_{\mathrm{MSE}} / K`."""
+        r"""The guide's step for ``inner_loss``: ``inner_lr`` itself on the support MSE, or
+        the step equivalent to it at the initial noise scale :math:`\sigma_0 = 1`:
+        :math:`2\sigma_0^2\,\alpha_{\mathrm{MSE}}` per point (``"mean"``) and
+        :math:`2\sigma_0^2\,\alpha_{\mathrm{MSE}} / K` on the sum (``"sum"``)."""
+        if self.inner_loss == "mse":
+            return self.inner_lr
+        if self.inner_loss == "mean":
+            return 2.0 * self.inner_lr
         return 2.0 * self.inner_lr / self.shots
 
 
@@ -95,6 +106,7 @@ def _model(config: SinusoidConfig, method: str) -> NeuralRegression:
         per_task_noise=config.per_task_noise,
         prior_scale=config.prior_scale,
         learn_prior_scale=learn,
+        prior_scale_hyperprior=config.prior_scale_hyperprior,
     )
 
 
@@ -142,6 +154,7 @@ def _fit(
         lr=config.lr,
         seed=seed,
         learn_step_size=config.learn_step_size if inner_steps > 0 else "fixed",
+        inner_loss=config.inner_loss,
         device=config.device,
         progress=config.progress,
         **options,
@@ -158,9 +171,15 @@ def _noise_scale(result: FitResult) -> float:
 
 
 def _effective_mse_step(step_size: float, result: FitResult, shots: int) -> float:
-    r"""The step on the support MSE equivalent to ``step_size`` on the summed log likelihood:
-    :math:`\alpha_{\mathrm{MSE}} = \alpha K / (2\hat\sigma^2)`."""
-    return step_size * shots / (2 * _noise_scale(result) ** 2)
+    r"""The step on the support MSE that the trained inner step amounts to:
+    :math:`\alpha_{\mathrm{MSE}} = \alpha K / (2\hat\sigma^2)` for a step :math:`\alpha` on the
+    summed log likelihood (with the learned :math:`\hat\sigma`), :math:`\alpha/(2\hat\sigma^2)`
+    per point, and :math:`\alpha` itself for ``inner_loss="mse"``."""
+    loss = result.config.get("inner_loss", "sum")
+    if loss == "mse":
+        return step_size
+    per_point = step_size if loss == "mean" else step_size * shots
+    return per_point / (2 * _noise_scale(result) ** 2)
 
 
 def _report(metrics: TaskMetrics, test: TaskBatch) -> dict[str, Any]:
@@ -205,7 +224,11 @@ def run_sinusoid(
     # The inner step multiplies the summed log likelihood, whose gradient scales with 1/sigma^2:
     # fine-tune with the step that moves the pooled network as far, in squared-error terms, as
     # the meta-trained method's step moves its own (the same effective step on the MSE).
-    finetune_step = config.step_size * (_noise_scale(pretrained) / _noise_scale(result)) ** 2
+    finetune_step = (
+        config.step_size  # MAML's MSE step does not depend on the noise scale
+        if config.inner_loss == "mse"
+        else config.step_size * (_noise_scale(pretrained) / _noise_scale(result)) ** 2
+    )
     finetuned = pretrained.evaluate(test, inner_steps=config.inner_steps, step_size=finetune_step)
 
     summary = _report(metrics, test)
