@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export OMP_WAIT_POLICY := PASSIVE
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow test-gpu lint typecheck bench clean install
+.PHONY: demo test test-slow test-gpu lint typecheck bench bench-demo bench-report clean install
 
 install: $(STAMP)
 
@@ -44,6 +44,15 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_meta_step.py --out benchmarks/results
+
+# The demo's figures for BENCHMARKS.md (its printed report, at the commit recorded beside it).
+bench-demo: $(STAMP)
+	$(BIN)/python -m hierbayes demo --out benchmarks/results/demo --no-progress
+	git rev-parse --short HEAD > benchmarks/results/demo/COMMIT
+
+# Regenerate BENCHMARKS.md's measured tables from the JSON under benchmarks/results/.
+bench-report: $(STAMP)
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _machine import cpu_name  # benchmarks/ is the script's own folder
+from _machine import commit, cpu_name  # benchmarks/ is the script's own folder
 
 CONFIGS: dict[str, dict[str, str]] = {
     "maml": {},
@@ -168,6 +168,7 @@ def main() -> None:
     report = {
         "benchmark": "LLAMA meta-step time and memory vs MAML (sinusoid: 25 tasks, 10+10 points, 1 inner step, second order)",
         "command": f"python benchmarks/bench_llama.py --steps {args.steps} --full-steps {args.full_steps} --rounds {args.rounds} --full-rounds {args.full_rounds} --threads {args.threads}",
+        "commit": commit(),
         "machine": {
             "cpu": cpu_name(),
             "platform": platform.platform(),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from _machine import cpu_name  # benchmarks/ is the script's own folder
+from _machine import commit, cpu_name  # benchmarks/ is the script's own folder
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -174,6 +174,7 @@ def main() -> None:
         "benchmark": "sinusoid meta-step (25 tasks, 10+10 points, 1 inner step, second order)",
         "command": "python benchmarks/bench_meta_step.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "commit": commit(),
         "machine": {
             "cpu": cpu_name(),
             "platform": platform.platform(),

@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from _machine import commit, cpu_name  # benchmarks/ is the script's own folder
+
 #: name -> (method, fit and model options). ``inner_loss="mse"`` with ``inner_lr`` 0.01 is the
 #: prototype's MAML step; the default ("sum") steps on the summed log likelihood with
 #: 2 * 0.01 / K, the same step at the initial noise scale 1.
@@ -240,13 +242,11 @@ def main() -> None:
                 jobs,
             )
         )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     report = {
         "benchmark": "sinusoid method comparison over training seeds",
         "command": "python benchmarks/bench_seeds.py " + " ".join(sys.argv[1:]),
-        "commit": commit,
+        "commit": commit(),
+        "machine": {"cpu": cpu_name(), "jobs": args.jobs, "torch_threads": 1},
         "seconds": time.perf_counter() - started,
         "reference": REFERENCE,
         "summary": summarise(runs),
