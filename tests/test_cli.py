@@ -112,3 +112,27 @@ def test_drawing_figures_keeps_the_users_matplotlib_backend(tmp_path: Path) -> N
     )
     assert out.stdout.split() == ["svg", "svg"]
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sinusoid_run_is_deterministic_on_cpu() -> None:
+    """The demo's numbers are a function of the commit and the seed: two runs agree exactly
+    (so BENCHMARKS.md's demo table, regenerated from a run, is what a fresh clone prints)."""
+    from hierbayes.experiments.sinusoid import SinusoidConfig, run_sinusoid
+
+    config = SinusoidConfig(
+        method="llama",
+        method_options={"objective": "predictive", "curvature": "ggn"},
+        meta_steps=15,
+        pretrain_steps=5,
+        eval_tasks=12,
+        plot_tasks=0,
+        progress=False,
+        predictive_samples=0,
+    )
+    first = {k: v for k, v in run_sinusoid(config).items() if not k.startswith("_")}
+    second = {k: v for k, v in run_sinusoid(config).items() if not k.startswith("_")}
+    for report in (first, second):  # wall-clock times are the only things allowed to differ
+        for key in [k for k in report if "seconds" in k or "time" in k]:
+            report.pop(key)
+    assert first.keys() == second.keys()
+    assert first == second
