@@ -299,12 +299,14 @@ def test_registry_names_callables_and_errors() -> None:
         build_curvature(lambda inputs: inputs.prior_precision, inputs)  # type: ignore[arg-type, return-value]
 
 
-def test_ggn_needs_a_known_likelihood() -> None:
+def test_kfac_needs_a_network_model() -> None:
+    """K-FAC's Kronecker factors come from a network's layers; a plain program gets ggn, diag
+    or full (the observation-site GGN is tested in test_observation_curvature.py)."""
     inputs = regression_inputs()
     generic = PyroTaskDensity(inputs.density.model, inputs.density.structure)  # type: ignore[attr-defined]
-    with pytest.raises(ModelContractError, match="curvature='full'"):
+    with pytest.raises(ModelContractError, match="curvature='ggn', 'diag' or 'full'"):
         build_curvature(
-            "ggn",
+            "kfac",
             CurvatureInputs(
                 generic,
                 inputs.params,

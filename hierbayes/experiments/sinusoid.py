@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hierbayes.inference import FitResult, TaskMetrics, fit, mean_ci95
+from hierbayes.inference.core.inner_loop import InnerLoss
 from hierbayes.inference.svi.guide import StepSizeMode
 from hierbayes.models import NeuralRegression
 from hierbayes.tasks import SinusoidTasks, TaskBatch
@@ -79,7 +80,7 @@ class SinusoidConfig:
     #: What the inner step climbs: "sum" (the summed log likelihood, with the step below),
     #: "mean" (per support point) or "mse" (MAML's support MSE with ``inner_lr`` itself: the
     #: step then depends on neither the learned noise nor K, as in the issue-14 prototype).
-    inner_loss: str = "sum"
+    inner_loss: InnerLoss = "sum"
     #: Scale of the LogNormal hyperprior on a learned prior scale; None learns it with none.
     prior_scale_hyperprior: float | None = 1.0
 

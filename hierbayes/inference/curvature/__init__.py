@@ -9,6 +9,12 @@ name       matrix                                                     cost per t
 ``kfac``   per-layer :math:`c\,G\otimes A + \tau I` (the paper's)      small eigendecompositions
 =========  =========================================================  ======================
 
+``ggn`` and ``diag`` take a network model's output Jacobian (the ``NetworkDensity`` fast path)
+and any other Pyro program's observation sites: the Jacobian of each observation distribution's
+parameters and its Fisher information, exact for Normal, Bernoulli, Categorical, Poisson and
+StudentT, Monte Carlo otherwise (:mod:`~hierbayes.inference.curvature.observation`). ``kfac``
+needs a network.
+
 Register a backend with :func:`register_curvature`; wherever hierbayes takes a curvature it
 accepts a registered name or a callable ``builder(inputs: CurvatureInputs) -> CurvatureEstimate``.
 """
@@ -35,6 +41,7 @@ from hierbayes.inference.curvature.jacobian import (
     output_jacobian,
 )
 from hierbayes.inference.curvature.kfac import KFACCurvature, kfac
+from hierbayes.inference.curvature.observation import observation_jacobian
 
 __all__ = [
     "CurvatureBuilder",
@@ -52,6 +59,7 @@ __all__ = [
     "build_curvature",
     "cholesky_logdet",
     "get_curvature",
+    "observation_jacobian",
     "output_jacobian",
     "register_curvature",
     "row_constant",

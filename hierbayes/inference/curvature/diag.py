@@ -16,6 +16,8 @@ from torch import Tensor
 
 from hierbayes.inference.curvature.base import CurvatureEstimate, CurvatureInputs
 from hierbayes.inference.curvature.jacobian import output_jacobian
+from hierbayes.inference.curvature.observation import observation_jacobian
+from hierbayes.models.density import capabilities
 
 __all__ = ["DiagonalCurvature", "diagonal_ggn"]
 
@@ -51,6 +53,11 @@ class DiagonalCurvature(CurvatureEstimate):
 
 
 def diagonal_ggn(inputs: CurvatureInputs, *, jacobian: str = "auto") -> DiagonalCurvature:
-    """Build :class:`DiagonalCurvature` (registered as ``"diag"``)."""
+    """Build :class:`DiagonalCurvature` (registered as ``"diag"``): from the network's output
+    Jacobian for a network model, else from any Pyro program's observation sites
+    (:mod:`~hierbayes.inference.curvature.observation`)."""
+    if not capabilities(inputs.density).network:
+        J = observation_jacobian(inputs)
+        return DiagonalCurvature(J.square().sum(1) + inputs.base_precision())
     jac, _ = output_jacobian(inputs, method=jacobian)
     return DiagonalCurvature(jac.column_square_sums() + inputs.base_precision())

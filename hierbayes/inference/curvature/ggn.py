@@ -33,9 +33,12 @@ from hierbayes.inference.curvature.base import (
     row_constant,
     safe_cholesky,
 )
-from hierbayes.inference.curvature.jacobian import OutputJacobian, output_jacobian
+from hierbayes.inference.curvature.dense import DenseCurvature
+from hierbayes.inference.curvature.jacobian import DenseJacobian, OutputJacobian, output_jacobian
+from hierbayes.inference.curvature.observation import FISHER_DRAWS, observation_jacobian
+from hierbayes.models.density import capabilities
 
-__all__ = ["GGNCurvature", "ggn"]
+__all__ = ["GGNCurvature", "ggn", "observation_ggn"]
 
 
 class GGNCurvature(CurvatureEstimate):
@@ -96,7 +99,28 @@ class GGNCurvature(CurvatureEstimate):
         return prior_part - half.square().sum(1).to(self.dtype)
 
 
-def ggn(inputs: CurvatureInputs, *, jacobian: str = "auto") -> GGNCurvature:
-    """Build :class:`GGNCurvature` (registered as ``"ggn"``)."""
+def ggn(inputs: CurvatureInputs, *, jacobian: str = "auto") -> CurvatureEstimate:
+    """Build the GGN (registered as ``"ggn"``): :class:`GGNCurvature` of the network's output
+    Jacobian for a network model (the ``NetworkDensity`` fast path), else of any Pyro program
+    from its observation sites (:mod:`~hierbayes.inference.curvature.observation`)."""
+    if not capabilities(inputs.density).network:
+        return observation_ggn(inputs)
     jac, _ = output_jacobian(inputs, method=jacobian)
     return GGNCurvature(jac, inputs.base_precision())
+
+
+def observation_ggn(
+    inputs: CurvatureInputs,
+    *,
+    num_draws: int = FISHER_DRAWS,
+    generator: torch.Generator | None = None,
+) -> CurvatureEstimate:
+    r"""The GGN :math:`\sum_n J_n^\top F_n J_n + P` of any Pyro program from its observation
+    sites (:func:`~hierbayes.inference.curvature.observation.observation_jacobian`): kept as
+    the whitened rows :math:`\tilde J` (:class:`GGNCurvature`, Woodbury) when there are no
+    more rows than parameters, else as a dense ``(T, D, D)`` matrix."""
+    J = observation_jacobian(inputs, num_draws=num_draws, generator=generator)
+    P = inputs.base_precision()
+    if J.shape[1] <= J.shape[2]:
+        return GGNCurvature(DenseJacobian(J), P)
+    return DenseCurvature(J.transpose(1, 2) @ J + torch.diag_embed(P))

@@ -302,7 +302,8 @@ def _network_density(density: object) -> NetworkDensity:
     if not isinstance(density, NetworkDensity):
         raise ModelContractError(
             "output Jacobians need a network model (the NetworkDensity protocol: a hierbayes "
-            "TaskModel such as NeuralRegression); for another Pyro program use curvature='full'"
+            "TaskModel such as NeuralRegression); for another Pyro program use "
+            "curvature='ggn', 'diag' or 'full'"
         )
     return density
 

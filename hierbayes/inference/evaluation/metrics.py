@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.posteriors.predictive import CategoricalPrediction
+from hierbayes.inference.posteriors.predictive import CategoricalPrediction, DrawsPrediction
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["TaskMetrics", "evaluate_posterior", "mean_ci95"]
@@ -41,7 +41,11 @@ class TaskMetrics:
     ``nll`` is the mean negative log predictive density per query point; ``coverage[level]``
     the fraction of query points inside the central ``level`` predictive interval; ``mse`` the
     mean squared error of the predictive mean (regression) and ``accuracy`` the fraction of
-    correct labels (classification).
+    correct labels (classification, and 0/1 labels of a Bernoulli observation, whose ``mse``
+    is then the Brier score). Any observation distribution of the model is scored: where the
+    predictive has no closed form it is a mixture over draws
+    (:class:`~hierbayes.inference.posteriors.predictive.DrawsPrediction`): NLL by log-mean-exp
+    over the draws, intervals from its quantiles.
     """
 
     nll: Tensor
@@ -120,4 +124,9 @@ def evaluate_posterior(
         err = (prediction.mean - yq).square()
         mse = per_task(err.reshape(*err.shape[:2], -1).mean(-1))
         coverage = {lvl: per_task(prediction.covers(yq, lvl).to(weights.dtype)) for lvl in levels}
-        return TaskMetrics(nll=nll, mse=mse, coverage=coverage, points=counts)
+        accuracy = None
+        if isinstance(prediction, DrawsPrediction) and prediction.binary:
+            # 0/1 labels: mse is the Brier score; accuracy of the label with p > 1/2
+            correct = ((prediction.mean > 0.5).to(yq.dtype) == yq).to(weights.dtype)
+            accuracy = per_task(correct.reshape(*correct.shape[:2], -1).mean(-1))
+        return TaskMetrics(nll=nll, mse=mse, accuracy=accuracy, coverage=coverage, points=counts)

@@ -29,9 +29,8 @@ from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.predictive import (
     CategoricalPrediction,
     GaussianPrediction,
-    MixturePrediction,
     Prediction,
-    prediction_from_distribution,
+    mixture_from_distribution,
 )
 from hierbayes.models.density import NetworkDensity, TaskDensity
 
@@ -99,18 +98,8 @@ class LaplacePosterior(TaskPosterior):
                 S, T, D = draws.shape
                 xs = x.unsqueeze(0).expand(S, *x.shape).reshape(S * T, *x.shape[1:])
                 # p(y | phi_s, x) at every draw, from the model itself (any hierbayes model)
-                per_draw = prediction_from_distribution(
-                    self.density.predictive(self.params, draws.reshape(S * T, D), xs)
-                )
-                if isinstance(per_draw, CategoricalPrediction):
-                    probs = per_draw.probs
-                    return CategoricalPrediction(probs.reshape(S, T, *probs.shape[1:]).mean(0))
-                assert isinstance(per_draw, GaussianPrediction)
-                shape = (S, T, *per_draw.mean.shape[1:])
-                # the noise varies with the draw where a per-task noise scale is part of phi
-                return MixturePrediction(
-                    per_draw.mean.reshape(shape), per_draw.variance.reshape(shape)
-                )
+                fn = self.density.predictive(self.params, draws.reshape(S * T, D), xs)
+                return mixture_from_distribution(fn, S)
         if method != "linearized":
             raise ValueError(f"method must be 'linearized' or 'sampled'; got {method!r}")
         if not isinstance(self.density, NetworkDensity):

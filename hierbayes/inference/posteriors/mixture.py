@@ -19,11 +19,9 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.posteriors.predictive import (
-    CategoricalPrediction,
-    GaussianPrediction,
     MixturePrediction,
     Prediction,
-    prediction_from_distribution,
+    mixture_from_distribution,
 )
 from hierbayes.models.density import TaskDensity
 
@@ -58,14 +56,4 @@ def predict_from_draws(
     flat = draws.reshape(S * T, D)
     xs = x.unsqueeze(0).expand(S, *x.shape).reshape(S * T, *x.shape[1:])
     with torch.no_grad():
-        prediction = prediction_from_distribution(density.predictive(params, flat, xs))
-    if isinstance(prediction, CategoricalPrediction):
-        probs = prediction.probs.reshape(S, T, *prediction.probs.shape[1:])
-        return CategoricalPrediction(probs.mean(0))
-    if isinstance(prediction, GaussianPrediction):
-        means = prediction.mean.reshape(S, T, *prediction.mean.shape[1:])
-        variance = prediction.variance.reshape(S, T, *prediction.variance.shape[1:])
-        if bool((variance == variance[:1]).all()):
-            return MixturePrediction(means, variance[0])
-        return MixturePrediction(means, variance)  # e.g. a per-task noise scale in phi
-    raise NotImplementedError(f"mixtures of {type(prediction).__name__} are not implemented")
+        return mixture_from_distribution(density.predictive(params, flat, xs), S)

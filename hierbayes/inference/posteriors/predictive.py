@@ -3,13 +3,25 @@ r"""Posterior predictive distributions of new targets, per task and point.
 :class:`GaussianPrediction` holds a Gaussian predictive :math:`\mathcal N(\mu, v)` per output
 (a point mass with Gaussian noise, or the linearised Laplace predictive);
 :class:`MixturePrediction` an equal-weight mixture of Gaussians (sampled parameters);
-:class:`CategoricalPrediction` class probabilities.
+:class:`CategoricalPrediction` class probabilities; :class:`DrawsPrediction` any other
+observation distribution of the model, as an equal-weight mixture over posterior draws of
+:math:`\phi` (as ``pyro.infer.Predictive`` draws :math:`\phi^{(s)}` from the posterior, then
+:math:`y` from :math:`p(y\mid\phi^{(s)}, x)`):
+
+.. math::
+
+    q(y\mid x) = \frac1S\sum_{s=1}^S p(y\mid\phi^{(s)}, x), \qquad
+    \log q(y\mid x) = \operatorname{logsumexp}_s \log p(y\mid\phi^{(s)}, x) - \log S,
+
+with the mean and variance by the laws of total expectation and variance and central intervals
+from the mixture's draws.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -17,9 +29,11 @@ from torch import Tensor
 
 __all__ = [
     "CategoricalPrediction",
+    "DrawsPrediction",
     "GaussianPrediction",
     "MixturePrediction",
     "Prediction",
+    "mixture_from_distribution",
     "prediction_from_distribution",
 ]
 
@@ -159,8 +173,133 @@ class CategoricalPrediction(Prediction):
         return draws.T.reshape(num_samples, *self.probs.shape[:-1]).to(self.probs.device)
 
 
+def _seeded_draws(
+    fn: dist.Distribution, shape: tuple[int, ...], generator: torch.Generator | None
+) -> Tensor:
+    """``fn.sample(shape)`` from a seed taken off ``generator`` (Pyro's samplers take none),
+    leaving the global random state as it was; the global state draws when it is ``None``."""
+    if generator is None:
+        with torch.no_grad():
+            return fn.sample(shape)
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        return fn.sample(shape)
+
+
+@dataclass
+class DrawsPrediction(Prediction):
+    r"""Equal-weight mixture :math:`\frac1S\sum_s p(y\mid\phi^{(s)}, x)` of the model's own
+    observation distribution, for any distribution (Bernoulli, Poisson, StudentT, ...).
+
+    ``components`` has batch shape ``(S * T, N)`` (draw-major: the model evaluated at ``S``
+    draws of :math:`\phi` for ``T`` tasks at once), or ``(T, N)`` with ``num_components = 1``
+    (a point mass). Intervals are empirical quantiles of ``num_draws`` draws from the mixture
+    (``seed``: the same intervals each call), the lower one rounded down and the upper one up,
+    so that a discrete predictive's interval holds at least ``level`` of its mass.
+    """
+
+    components: dist.Distribution
+    num_components: int = 1
+    num_draws: int = 2000
+    seed: int = 0
+    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def _split(self, value: Tensor) -> Tensor:
+        """``(S * T, N, ...)`` to ``(S, T, N, ...)``."""
+        S = self.num_components
+        return value.reshape(S, value.shape[0] // S, *value.shape[1:])
+
+    @property
+    def binary(self) -> bool:
+        """Targets are 0/1 labels (a Bernoulli observation)."""
+        base: Any = self.components
+        while isinstance(base, (dist.Independent, dist.MaskedDistribution)):
+            base = base.base_dist
+        return isinstance(base, dist.Bernoulli)
+
+    def _moments(self) -> tuple[Tensor, Tensor]:
+        if "mean" not in self._cache:
+            try:
+                components: Any = self.components
+                means = self._split(components.mean)
+                variances = self._split(components.variance)
+                finite = bool(torch.isfinite(means).all() and torch.isfinite(variances).all())
+            except NotImplementedError:
+                finite = False
+            if finite:
+                self._cache["mean"] = means.mean(0)
+                self._cache["variance"] = variances.mean(0) + means.var(0, unbiased=False)
+            else:  # e.g. StudentT with df <= 2: moments of the draws
+                draws = self._draws()
+                self._cache["mean"] = draws.mean(0)
+                self._cache["variance"] = draws.var(0, unbiased=False)
+        return self._cache["mean"], self._cache["variance"]
+
+    @property
+    def mean(self) -> Tensor:  # type: ignore[override]
+        r""":math:`\frac1S\sum_s \mathbb E[y\mid\phi^{(s)}]`, ``(T, N, ...)``."""
+        return self._moments()[0]
+
+    @property
+    def variance(self) -> Tensor:
+        r"""Mean of the components' variances plus the variance of their means."""
+        return self._moments()[1]
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        S = self.num_components
+        target = y.unsqueeze(0).expand(S, *y.shape).reshape(-1, *y.shape[1:])
+        lp = self._split(self.components.log_prob(target))
+        lp = lp.reshape(*lp.shape[:3], -1).sum(-1)
+        return torch.logsumexp(lp, 0) - math.log(S)
+
+    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``num_samples`` draws ``(num_samples, T, N, ...)``, every component equally often
+        (stratified), in a random order."""
+        S = self.num_components
+        per = -(-num_samples // S)
+        draws = _seeded_draws(self.components, (per,), generator)  # (per, S * T, N, ...)
+        draws = draws.reshape(per * S, draws.shape[1] // S, *draws.shape[2:])
+        order = torch.randperm(per * S, generator=generator)[:num_samples]
+        return draws[order.to(draws.device)]
+
+    def _draws(self) -> Tensor:
+        if "draws" not in self._cache:
+            generator = torch.Generator().manual_seed(self.seed)
+            self._cache["draws"] = self.sample(self.num_draws, generator=generator)
+        return self._cache["draws"]
+
+    def interval(self, level: float = 0.9) -> tuple[Tensor, Tensor]:
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level must be in (0, 1); got {level}")
+        draws = self._draws().to(torch.get_default_dtype())
+        lower = torch.quantile(draws, (1 - level) / 2, dim=0, interpolation="lower")
+        upper = torch.quantile(draws, (1 + level) / 2, dim=0, interpolation="higher")
+        return lower, upper
+
+
+def mixture_from_distribution(fn: dist.Distribution, num_components: int) -> Prediction:
+    r"""The predictive :math:`\frac1S\sum_s p(y\mid\phi^{(s)}, x)` from the model's observation
+    distribution at ``S = num_components`` draws of :math:`\phi` for ``T`` tasks, batch shape
+    ``(S * T, N)`` (draw-major): a :class:`MixturePrediction` for Normal observations, the mean
+    class probabilities for Categorical ones, a :class:`DrawsPrediction` otherwise."""
+    per_draw = prediction_from_distribution(fn)
+    S = num_components
+    if isinstance(per_draw, CategoricalPrediction):
+        probs = per_draw.probs
+        return CategoricalPrediction(probs.reshape(S, -1, *probs.shape[1:]).mean(0))
+    if isinstance(per_draw, GaussianPrediction):
+        shape = (S, -1, *per_draw.mean.shape[1:])
+        # the noise varies with the draw where a per-task noise scale is part of phi
+        return MixturePrediction(per_draw.mean.reshape(shape), per_draw.variance.reshape(shape))
+    assert isinstance(per_draw, DrawsPrediction)
+    return DrawsPrediction(per_draw.components, num_components=S)
+
+
 def prediction_from_distribution(fn: dist.Distribution) -> Prediction:
-    """A :class:`Prediction` from a model's observation distribution (batch ``(T, N)``)."""
+    """A :class:`Prediction` from a model's observation distribution (batch ``(T, N)``): closed
+    forms for Normal and Categorical observations, :class:`DrawsPrediction` for any other."""
     base = fn
     while isinstance(base, dist.Independent):
         base = base.base_dist
@@ -171,7 +310,4 @@ def prediction_from_distribution(fn: dist.Distribution) -> Prediction:
         if mean.dim() == 2:
             mean, scale = mean.unsqueeze(-1), scale.unsqueeze(-1)
         return GaussianPrediction(mean, scale.square())
-    raise NotImplementedError(
-        f"predictions from {type(base).__name__} observations are not implemented; hierbayes "
-        "handles Normal and Categorical likelihoods"
-    )
+    return DrawsPrediction(fn)

@@ -225,7 +225,9 @@ class TruncatedGradientGuide(PyroModule):
         """The current point estimates of the global latents, ``{site: value}``: each site's
         unconstrained parameter through its constraint's transform, without Pyro's
         bookkeeping (the fast road's read; differentiable)."""
-        return {name: transform(getattr(owner, leaf)) for name, owner, leaf, transform in self._readers}
+        return {
+            name: transform(getattr(owner, leaf)) for name, owner, leaf, transform in self._readers
+        }
 
     def traced_global_values(self) -> dict[str, Tensor]:
         """The same values read through ``PyroModule`` attributes: inside the guide's call each

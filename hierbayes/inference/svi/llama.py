@@ -47,6 +47,7 @@ from typing import Any
 
 from torch import Tensor
 
+from hierbayes.errors import ModelContractError
 from hierbayes.inference.core.laplace import prior_precision
 from hierbayes.inference.core.losses import (
     CurvatureData,
@@ -59,7 +60,7 @@ from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.laplace import laplace_posterior
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.svi.objectives import MetaObjective
-from hierbayes.models.density import Capabilities, TaskDensity, capabilities
+from hierbayes.models.density import Capabilities, PyroTaskDensity, TaskDensity, capabilities
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = [
@@ -72,8 +73,10 @@ __all__ = [
     "llama_posterior",
 ]
 
-#: Curvature backends that read a network's output Jacobian (the NetworkDensity protocol).
-_NETWORK_CURVATURES = ("ggn", "diag", "kfac")
+#: Curvature backends that need a network's layer structure (the NetworkDensity protocol);
+#: ``ggn`` and ``diag`` take any Pyro program's observation sites otherwise.
+_NETWORK_CURVATURES = ("kfac",)
+_OBSERVATION_CURVATURES = ("ggn", "diag")
 
 
 class LaplaceObjective(MetaObjective):
@@ -125,8 +128,18 @@ class LaplaceObjective(MetaObjective):
         if self.curvature in _NETWORK_CURVATURES:
             caps.require(
                 "network",
-                f"curvature={self.curvature!r}",
-                "use curvature='full' for another Pyro program",
+                f"curvature={self.curvature!r} (Kronecker factors of network layers)",
+                "use curvature='ggn', 'diag' or 'full' for another Pyro program",
+            )
+        elif (
+            self.curvature in _OBSERVATION_CURVATURES
+            and not caps.network
+            and not isinstance(density, PyroTaskDensity)
+        ):
+            raise ModelContractError(
+                f"curvature={self.curvature!r} needs a network model or a Pyro program (whose "
+                f"observation sites it differentiates); got a {type(density).__name__}. Use "
+                "curvature='full'"
             )
         if self.damping is None:
             caps.require(
@@ -236,7 +249,7 @@ class LinearizedPredictiveObjective(LaplaceObjective):
         caps.require(
             "network",
             "the linearised predictive objective",
-            "for another Pyro program use objective='evidence' or 'paper' with curvature='full'",
+            "for another Pyro program use objective='evidence' or 'paper' (curvature='ggn', 'diag' or 'full')",
         )
         caps.require(
             "gaussian",
