@@ -98,11 +98,11 @@ def full_hessian(inputs: CurvatureInputs) -> FullHessianCurvature:
     bad = (info > 0).nonzero().flatten().tolist()
     if bad:
         warnings.warn(
-            f"the Hessian of the negative log posterior is not positive definite for "
-            f"{len(bad)} of {T} tasks (first: task {bad[0]}); their eigenvalues below the "
-            "task's smallest prior precision were raised to it. The Laplace approximation is "
-            "then only as good as that floor: prefer curvature='ggn', which is positive "
-            "definite by construction.",
+            "the Hessian of the negative log posterior is not positive definite for some "
+            "tasks; their eigenvalues below the task's smallest prior precision were raised to "
+            "it. The Laplace approximation is then only as good as that floor: prefer "
+            "curvature='ggn', which is positive definite by construction (for any Pyro "
+            "program).",
             UserWarning,
             stacklevel=3,
         )
