@@ -299,10 +299,15 @@ class CategoricalLikelihood(Likelihood):
                 f"labels must be integers of shape {tuple(f.shape[:2])} (tasks, points); got "
                 f"{y.dtype} {tuple(y.shape)}"
             )
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= f.shape[-1]):
+        C = f.shape[-1]
+        outside = (y < 0) | (y >= C)
+        if bool(outside.any()):
+            task, point = (int(i) for i in outside.nonzero()[0])
+            where = f"task {task}, point {point}" if y.shape[0] > 1 else f"point {point}"
             raise TaskDataError(
-                f"labels must lie in 0..{f.shape[-1] - 1} for {f.shape[-1]} classes; got "
-                f"{int(y.min())}..{int(y.max())}"
+                f"labels must lie in 0..{C - 1} for the model's {C} classes; {where} has label "
+                f"{int(y[task, point])} ({int(outside.sum())} of {y.numel()} labels out of "
+                "range). Relabel the classes of each task 0..C-1, or give the network C outputs."
             )
 
     def log_prob(self, f: Tensor, y: Tensor, params: Mapping[str, Tensor]) -> Tensor:

@@ -139,12 +139,14 @@ class TaskBatch:
     # -- validation --------------------------------------------------------------------------
 
     def _validate(self) -> None:
-        sx, sy = self.support_x, self.support_y
+        sx = self.support_x
         for name in ("support_x", "support_y"):
             t = getattr(self, name)
             if not isinstance(t, Tensor):
                 raise TaskDataError(
-                    f"{name} must be a torch.Tensor of shape (tasks, points, ...); got {type(t).__name__}"
+                    f"{name} must be a torch.Tensor of shape (tasks, points, ...); got "
+                    f"{type(t).__name__} (arrays and lists: TaskCollection.from_tensors or "
+                    "torch.as_tensor)"
                 )
             if t.dim() < 2:
                 raise TaskDataError(
@@ -155,7 +157,12 @@ class TaskBatch:
             missing = "query_y" if self.query_y is None else "query_x"
             raise TaskDataError(f"{missing} is missing: give both query_x and query_y, or neither.")
         T = sx.shape[0]
-        pairs = [("support", sx, sy, self.support_mask)]
+        if T == 0:
+            raise TaskDataError(
+                f"the batch has no tasks: support_x has shape {tuple(sx.shape)}; expected at "
+                "least one task along the first dimension"
+            )
+        pairs = [("support", sx, self.support_y, self.support_mask)]
         if self.query_x is not None and self.query_y is not None:
             for name in ("query_x", "query_y"):
                 t = getattr(self, name)
@@ -165,6 +172,7 @@ class TaskBatch:
                         f"{getattr(t, 'shape', type(t).__name__)}"
                     )
             pairs.append(("query", self.query_x, self.query_y, self.query_mask))
+        self._check_devices_and_dtypes()
         for prefix, x, y, mask in pairs:
             if x.shape[0] != T or y.shape[0] != T:
                 raise TaskDataError(
@@ -177,10 +185,20 @@ class TaskBatch:
                     f"{y.shape[1]} (shapes {tuple(x.shape)} and {tuple(y.shape)}): each task "
                     "needs one target per input."
                 )
+            if x.shape[1] == 0:
+                hint = (
+                    " (for adaptation only, give query_x=None and query_y=None)"
+                    if prefix == "query"
+                    else ""
+                )
+                raise TaskDataError(
+                    f"{prefix}_x has no points (shape {tuple(x.shape)}): every task needs at "
+                    f"least one {prefix} point{hint}"
+                )
             if prefix == "query" and x.shape[2:] != sx.shape[2:]:
                 raise TaskDataError(
                     f"query_x points have shape {tuple(x.shape[2:])} but support_x points have "
-                    f"{tuple(sx.shape[2:])}"
+                    f"{tuple(sx.shape[2:])}: support and query inputs need the same features"
                 )
             if mask is not None:
                 if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
@@ -189,14 +207,12 @@ class TaskBatch:
                         f"got {mask.dtype} {tuple(mask.shape)}"
                     )
                 empty = (~mask.any(dim=1)).nonzero()
-                if prefix == "support" and len(empty) > 0:
-                    j = int(empty[0])
-                    name = (
-                        f"task {int(self.task_ids[j])}"
-                        if self.task_ids is not None
-                        else f"task {j}"
+                if len(empty) > 0:
+                    raise TaskDataError(
+                        f"{self._task_name(int(empty[0]))} has no {prefix} points ({prefix}_mask "
+                        f"is all False; {len(empty)} task(s) of {T}): every task needs at least "
+                        f"one {prefix} point"
                     )
-                    raise TaskDataError(f"{name} has no support points (support_mask is all False)")
             check_finite(f"{prefix}_x", x, task_ids=self.task_ids)
             check_finite(f"{prefix}_y", y, task_ids=self.task_ids)
         if self.task_ids is not None and self.task_ids.shape != (T,):
@@ -207,4 +223,34 @@ class TaskBatch:
             if value.shape[0] != T:
                 raise TaskDataError(
                     f"info[{key!r}] must have {T} rows, one per task; got {value.shape[0]}"
+                )
+
+    def _task_name(self, j: int) -> str:
+        """Task ``j`` of the batch, by its id in its source where known."""
+        return f"task {int(self.task_ids[j])}" if self.task_ids is not None else f"task {j}"
+
+    def _check_devices_and_dtypes(self) -> None:
+        """Every tensor on support_x's device; every floating-point data tensor in one dtype."""
+        tensors = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        tensors.update({f"info[{k!r}]": v for k, v in self.info.items()})
+        device = self.support_x.device
+        for name, t in tensors.items():
+            if t.device != device:
+                raise TaskDataError(
+                    f"{name} is on {t.device} but support_x is on {device}: every tensor of a "
+                    "batch must be on one device (move them with .to(device))"
+                )
+        data = ("support_x", "support_y", "query_x", "query_y")
+        floats = [(n, tensors[n]) for n in data if n in tensors and tensors[n].is_floating_point()]
+        for name, t in floats[1:]:
+            first, reference = floats[0]
+            if t.dtype != reference.dtype:
+                raise TaskDataError(
+                    f"{name} is {t.dtype} but {first} is {reference.dtype}: the floating-point "
+                    f"tensors of a batch need one dtype (convert with .to({reference.dtype}), or "
+                    "build the batch from arrays with TaskCollection(..., dtype=...))"
                 )

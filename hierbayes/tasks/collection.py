@@ -78,6 +78,16 @@ class TaskCollection:
                     )
                 values = [task.get(f) for f in _FIELDS]
             else:
+                if isinstance(task, (Tensor, np.ndarray)) or not isinstance(task, Sequence):
+                    shape = getattr(task, "shape", None)
+                    raise TaskDataError(
+                        f"task {j} is a {type(task).__name__}"
+                        + (f" of shape {tuple(shape)}" if shape is not None else "")
+                        + ", not a task: a TaskCollection takes one (support_x, support_y, "
+                        "query_x, query_y) tuple (or dict) per task. For arrays with the task "
+                        "dimension first, use TaskCollection.from_tensors(support_x, support_y, "
+                        "query_x, query_y)"
+                    )
                 if len(task) not in (2, 4):
                     raise TaskDataError(
                         f"task {j} has {len(task)} entries; expected (support_x, support_y) or "
@@ -152,6 +162,13 @@ class TaskCollection:
                     "with require_query=False)"
                 )
             ref_x, ref_y = columns[fx][0], columns[fy][0]
+            for field, t, ref in ((fx, x, ref_x), (fy, y, ref_y)):
+                if t.dtype != ref.dtype:
+                    raise TaskDataError(
+                        f"task {j}: {field} is {t.dtype} but task 0's is {ref.dtype}: give every "
+                        f"task's {field} the same kind of values (floating point, or integer "
+                        "labels)"
+                    )
             if x.shape[1:] != ref_x.shape[1:] or y.shape[1:] != ref_y.shape[1:]:
                 raise TaskDataError(
                     f"task {j}: {fx} points have shape {tuple(x.shape[1:])} and {fy} "

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from hierbayes.errors import ModelContractError
+from hierbayes.inference.core.numerics import clamp_nonnegative
 from hierbayes.inference.curvature import (
     CurvatureBuilder,
     CurvatureEstimate,
@@ -181,7 +182,10 @@ def predictive_output_variance(
     else:
         J = query_jac.dense()  # (T, R, D)
         var = (J * estimate.solve(J.transpose(1, 2)).transpose(1, 2)).sum(-1)
-    return f, var.reshape(T, M, C).clamp_min(0.0)
+    variance = clamp_nonnegative(
+        var.reshape(T, M, C), "the linearised predictive's epistemic variance diag(J H^-1 J^T)"
+    )
+    return f, variance
 
 
 def linearized_predictive(

@@ -8,9 +8,10 @@ Between :math:`\mathcal N(\mu_1,\Sigma_1)` and :math:`\mathcal N(\mu_2,\Sigma_2)
     W_2^2 = \lVert\mu_1-\mu_2\rVert^2 + \operatorname{tr}\big(\Sigma_1 + \Sigma_2
             - 2\,(\Sigma_2^{1/2}\Sigma_1\Sigma_2^{1/2})^{1/2}\big),
 
-with symmetric square roots from ``eigh`` (negative round-off eigenvalues set to 0). A point
-mass has :math:`\Sigma_1 = 0`, so :math:`W_2^2 = \lVert\mu_1-\mu_2\rVert^2 + \operatorname{tr}
-\Sigma_2`.
+with symmetric square roots from ``eigh`` (negative round-off eigenvalues set to 0; a matrix
+indefinite beyond round-off is reported with a
+:class:`~hierbayes.inference.core.numerics.ClampWarning`). A point mass has
+:math:`\Sigma_1 = 0`, so :math:`W_2^2 = \lVert\mu_1-\mu_2\rVert^2 + \operatorname{tr}\Sigma_2`.
 
 References
 ----------
@@ -25,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hierbayes.inference.core.numerics import nonnegative_eigenvalues
+
 __all__ = ["symmetric_sqrt", "wasserstein2_gaussian"]
 
 
@@ -33,7 +36,8 @@ def symmetric_sqrt(matrix: Tensor) -> Tensor:
     of symmetric ``matrix`` ``(..., D, D)`` (symmetrised first; ``eigh``)."""
     sym = 0.5 * (matrix + matrix.transpose(-1, -2))
     evals, evecs = torch.linalg.eigh(sym)
-    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    root = nonnegative_eigenvalues(evals, "the matrix in symmetric_sqrt").sqrt()
+    return (evecs * root.unsqueeze(-2)) @ evecs.transpose(-1, -2)
 
 
 def wasserstein2_gaussian(

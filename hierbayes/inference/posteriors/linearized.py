@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from hierbayes.inference.core.numerics import clamp_nonnegative
 from hierbayes.inference.curvature import CurvatureInputs, output_jacobian
 from hierbayes.inference.posteriors.predictive import (
     GaussianPrediction,
@@ -108,7 +109,10 @@ def linearized_gaussian(
     jac, f = output_jacobian(inputs, x=x, mask=None, whiten=False, method=jacobian)
     with torch.no_grad():
         M, C = f.shape[1], f.shape[2]
-        variance = covariance_quad(jac.dense()).reshape(T, M, C).clamp_min(0.0)
+        variance = clamp_nonnegative(
+            covariance_quad(jac.dense()).reshape(T, M, C),
+            "the linearised predictive's epistemic variance diag(J Sigma J^T)",
+        )
         noise = prediction_from_distribution(density.predictive(params, phi, x))
     if not isinstance(noise, GaussianPrediction):  # pragma: no cover - guarded by `gaussian`
         raise TypeError(f"expected a Gaussian predictive; got {type(noise).__name__}")

@@ -2,8 +2,10 @@ r"""Checks ``fit`` makes before any training: arguments, task sources, data agai
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, cast
 
 import pyro
@@ -13,8 +15,9 @@ from torch import Tensor
 
 from hierbayes.errors import TaskDataError
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
-from hierbayes.inference.training.methods import Method
+from hierbayes.inference.training.methods import Method, methods
 from hierbayes.models.density import NetworkDensity
+from hierbayes.models.task_model import TaskModel
 from hierbayes.tasks.batch import TaskBatch
 from hierbayes.tasks.collection import TaskCollection
 from hierbayes.tasks.source import TaskSource
@@ -37,17 +40,24 @@ def check_arguments(
     guide_options: Mapping[str, Any],
     control: Any,
     method_options: Mapping[str, Any],
+    fit_options: Collection[str] = (),
 ) -> None:
-    """Refuse bad settings before anything is built, naming the argument and what it takes."""
+    """Refuse bad settings before anything is built, naming the argument and what it takes.
+
+    ``fit_options`` are ``fit``'s own keywords, offered as the close name of a misspelled one.
+    """
     if not isinstance(meta_steps, int) or meta_steps < 0:
         raise ValueError(f"meta_steps must be a whole number >= 0; got {meta_steps!r}")
     if not isinstance(meta_batch_size, int) or meta_batch_size < 1:
         raise ValueError(f"meta_batch_size must be a whole number >= 1; got {meta_batch_size!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number; got {lr!r}")
+    if not _positive_number(lr):
+        raise ValueError(f"lr must be a finite positive number; got {lr!r}")
     step_size = guide_options["step_size"]
-    if not (isinstance(step_size, (int, float)) and step_size > 0):
-        raise ValueError(f"step_size must be a positive number; got {step_size!r}")
+    if not _positive_number(step_size):
+        raise ValueError(f"step_size must be a finite positive number; got {step_size!r}")
+    inner_steps = guide_options["inner_steps"]
+    if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be a whole number >= 0; got {inner_steps!r}")
     if control.clip_grad_norm is not None and not control.clip_grad_norm > 0:
         raise ValueError(f"clip_grad_norm must be positive; got {control.clip_grad_norm!r}")
     if control.checkpoint_every is not None:
@@ -58,14 +68,38 @@ def check_arguments(
     known = spec.options
     if known is None:
         return
+    if "objective" in method_options and "objective" not in known:
+        raise ValueError(
+            f"method {spec.name!r} has no named objectives; got "
+            f"objective={method_options['objective']!r}. Pass a MetaObjective instance, or "
+            "choose a method that names its objectives (method='llama': 'predictive', "
+            "'evidence', 'paper')"
+        )
     for name in method_options:
         if name not in known:
-            close = difflib.get_close_matches(name, list(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(
-                f"fit got an option {name!r} that method {spec.name!r} does not take{hint} "
-                f"Its options: {sorted(known)}"
+            others = [o for o in fit_options if o != name]
+            close = difflib.get_close_matches(name, [*known, *others], n=1)
+            takers = [m for m, s in methods().items() if s.options and name in s.options]
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else f" (method {takers[0]!r} takes it)."
+                if takers
+                else "."
             )
+            raise TypeError(
+                f"fit got an option {name!r} that neither fit nor method {spec.name!r} takes"
+                f"{hint} The method's options: {sorted(known)}"
+            )
+
+
+def _positive_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def as_task_source(tasks: Any) -> Any:
@@ -74,7 +108,7 @@ def as_task_source(tasks: Any) -> Any:
         return _BatchSource(tasks)
     if isinstance(tasks, TaskSource):
         return tasks
-    if isinstance(tasks, Sequence) and not isinstance(tasks, (str, bytes)) and len(tasks) > 0:
+    if isinstance(tasks, Sequence) and not isinstance(tasks, (str, bytes)):
         try:
             return TaskCollection(tasks)
         except TaskDataError:
@@ -95,6 +129,9 @@ class _BatchSource:
     """A fixed :class:`TaskBatch` as a task source (random subsets of its tasks)."""
 
     def __init__(self, batch: TaskBatch) -> None:
+        if batch.task_ids is None:  # errors then name the task by its place in the given batch
+            ids = torch.arange(batch.num_tasks, device=batch.device)
+            batch = dataclasses.replace(batch, task_ids=ids, validate=False)
         self.batch = batch
 
     @property
@@ -115,9 +152,18 @@ class _BatchSource:
 
 def check_dtype(model: Any, batch: TaskBatch, dtype: torch.dtype | None) -> None:
     """A float data/model mismatch, caught here with advice rather than deep inside the model."""
-    if not isinstance(model, torch.nn.Module) or not torch.is_floating_point(batch.support_x):
+    if not isinstance(model, torch.nn.Module):
         return
     floats = [t for t in (*model.parameters(), *model.buffers()) if torch.is_floating_point(t)]
+    if not torch.is_floating_point(batch.support_x):
+        takes_indices = any(isinstance(m, torch.nn.Embedding) for m in model.modules())
+        if floats and not takes_indices:
+            raise TaskDataError(
+                f"support_x is {batch.support_x.dtype} (integers) but the model computes in "
+                f"{floats[0].dtype}: give the inputs as floating-point values (e.g. "
+                f"support_x.to({floats[0].dtype}), or TaskCollection(..., dtype=...) for arrays)"
+            )
+        return
     if floats and floats[0].dtype != batch.support_x.dtype:
         raise TaskDataError(
             f"support_x is {batch.support_x.dtype} but the model is {floats[0].dtype}: pass "
@@ -126,12 +172,37 @@ def check_dtype(model: Any, batch: TaskBatch, dtype: torch.dtype | None) -> None
         )
 
 
+def check_inputs(model: Any, batch: TaskBatch) -> None:
+    """Run a :class:`TaskModel`'s network on one support point, so that inputs with the wrong
+    number of features are reported as such rather than as a broken model."""
+    if not isinstance(model, TaskModel):
+        return
+    network = model.net.module
+    training = network.training
+    network.eval()  # batch norm then reads its running statistics without updating them
+    try:
+        with torch.no_grad():
+            network(batch.support_x[0, :1])
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise TaskDataError(
+            f"the model's network cannot take support_x points of shape "
+            f"{tuple(batch.support_x.shape[2:])} (support_x is {tuple(batch.support_x.shape)}: "
+            f"tasks, points, then one point's features): {type(err).__name__}: {err}. Check "
+            "how many features the network's first layer expects."
+        ) from err
+    finally:
+        network.train(training)
+
+
 def reset_param_sites(model: Any, batch: TaskBatch) -> None:
     """Forget the ``pyro.param`` values a function model left in Pyro's global store, so that
     ``fit`` starts from their initial values (reproducible with ``seed``) rather than from
     whatever an earlier run trained."""
-    with poutine.block():
-        trace = poutine.trace(model).get_trace(batch.support_x, batch.support_y)
+    try:
+        with poutine.block():
+            trace = poutine.trace(model).get_trace(batch.support_x, batch.support_y)
+    except Exception:  # model_structure runs the model next and reports the failure
+        return
     store = pyro.get_param_store()
     for name, site in trace.nodes.items():
         if site["type"] == "param" and name in store:
@@ -139,27 +210,37 @@ def reset_param_sites(model: Any, batch: TaskBatch) -> None:
 
 
 def check_targets(guide: TruncatedGradientGuide, batch: TaskBatch) -> None:
-    """Score one task's support and query sets once, so that targets of the wrong shape or kind
-    are reported by field before training."""
-    params = guide.global_values()
-    one = batch.select(slice(0, 1))
-    phi = guide.density.prior_mean({k: v.detach() for k, v in params.items()}, one.support_x)
-    xq, yq, mq = one.require_query("meta-training")
-    assert batch.query_y is not None
+    """Score the batch's support and query sets once, so that targets of the wrong shape, kind
+    or range are reported by field and task before training."""
+    params = {k: v.detach() for k, v in guide.global_values().items()}
+    xq, yq, mq = batch.require_query("meta-training")
     if isinstance(guide.density, NetworkDensity):  # batch norm cannot take unequal task sizes
         guide.density.check_mask(batch.support_mask)
         guide.density.check_mask(batch.query_mask)
-    for name, x, y, mask, full in (
-        ("support_y", one.support_x, one.support_y, one.support_mask, batch.support_y),
-        ("query_y", xq, yq, mq, batch.query_y),
+    for name, x, y, mask in (
+        ("support_y", batch.support_x, batch.support_y, batch.support_mask),
+        ("query_y", xq, yq, mq),
     ):
         try:
             with torch.no_grad():
-                guide.density.log_likelihood(params, phi.detach(), x, y, mask)
-        except TaskDataError as err:
-            raise TaskDataError(
-                f"{name} (shape {tuple(full.shape)}) does not fit the model; for task 0: {err}"
-            ) from err
+                phi = guide.density.prior_mean(params, x)
+                guide.density.log_likelihood(params, phi, x, y, mask)
+        except TaskDataError:
+            for j in range(batch.num_tasks):  # find the first task that fails, by its id
+                one = slice(j, j + 1)
+                try:
+                    with torch.no_grad():
+                        phi = guide.density.prior_mean(params, x[one])
+                        guide.density.log_likelihood(
+                            params, phi, x[one], y[one], None if mask is None else mask[one]
+                        )
+                except TaskDataError as err:
+                    task = j if batch.task_ids is None else int(batch.task_ids[j])
+                    raise TaskDataError(
+                        f"{name} (shape {tuple(y.shape)}) does not fit the model; for task "
+                        f"{task}: {err}"
+                    ) from err
+            raise
 
 
 def trainable_parameters(model: Any, guide: TruncatedGradientGuide) -> list[Tensor]:

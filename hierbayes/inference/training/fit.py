@@ -11,6 +11,7 @@ model's own parameters.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from hierbayes.inference.training.checks import (
     as_task_source,
     check_arguments,
     check_dtype,
+    check_inputs,
     check_targets,
     reset_param_sites,
     trainable_parameters,
@@ -194,6 +196,10 @@ def fit(
         )
 
 
+#: fit's own keywords, suggested for a misspelled option.
+_FIT_OPTIONS = tuple(inspect.signature(fit).parameters)
+
+
 def _fit(
     model: Any,
     tasks: Any,
@@ -218,7 +224,16 @@ def _fit(
     if isinstance(objective, str):
         method_options["objective"] = objective
         objective = None
-    check_arguments(spec, meta_steps, meta_batch_size, lr, guide_options, control, method_options)
+    check_arguments(
+        spec,
+        meta_steps,
+        meta_batch_size,
+        lr,
+        guide_options,
+        control,
+        method_options,
+        fit_options=_FIT_OPTIONS,
+    )
     if not callable(model):
         raise ModelContractError(
             f"fit needs a model: a Pyro program model(x, y=None) (or a hierbayes TaskModel); "
@@ -255,6 +270,7 @@ def _fit(
     ).to(dev)  # re-validated
     first.require_query("meta-training")
     check_dtype(model, first, dtype)
+    check_inputs(model, first)
     if not isinstance(model, torch.nn.Module) and guide is None:
         reset_param_sites(model, first)
     config = dict(

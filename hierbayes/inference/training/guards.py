@@ -14,6 +14,7 @@ r"""Numerical guards of meta-training: warnings once with a count, and errors be
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,25 +43,31 @@ class InnerLoopWarning(UserWarning):
     """The inner loop made the support fit worse: its step size is too large for the model."""
 
 
+#: Numbers in a warning's text (counts, values): warnings that differ only in them are one.
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\b(?:nan|inf)\b")
+
+
 class WarningTally:
-    """Distinct warnings (by category and message) with how often each fired."""
+    """Distinct warnings (by category and message, numbers aside) with how often each fired;
+    the first message of each is kept."""
 
     def __init__(self) -> None:
         self.counts: dict[tuple[type[Warning], str], int] = {}
-        self.order: list[tuple[type[Warning], str]] = []
+        self.first: dict[tuple[type[Warning], str], str] = {}
 
     def add(self, record: warnings.WarningMessage) -> None:
-        key = (record.category, str(record.message))
+        message = str(record.message)
+        key = (record.category, _NUMBER.sub("#", message))
         if key not in self.counts:
             self.counts[key] = 0
-            self.order.append(key)
+            self.first[key] = message
         self.counts[key] += 1
 
     def reissue(self, stacklevel: int) -> None:
-        for category, message in self.order:
-            count = self.counts[(category, message)]
-            suffix = "" if count == 1 else f" [{count} times in this run]"
-            warnings.warn(message + suffix, category, stacklevel=stacklevel)
+        for key, message in self.first.items():
+            count = self.counts[key]
+            suffix = "" if count == 1 else f" [{count} times in this run; the first shown]"
+            warnings.warn(message + suffix, key[0], stacklevel=stacklevel)
 
 
 @contextmanager
