@@ -96,3 +96,13 @@ def test_symmetric_sqrt_warns_on_an_indefinite_matrix_only() -> None:
     with pytest.warns(ClampWarning, match=r"eigenvalues of the matrix in symmetric_sqrt: 1 of 3"):
         root = symmetric_sqrt(indefinite)
     assert_close(root, torch.diag(torch.tensor([2.0, 0.0, 0.5], dtype=torch.float64)).sqrt())
+
+
+def test_the_gaussian_draws_square_root_of_an_indefinite_covariance_warns() -> None:
+    from hierbayes.inference.core.numerics import ClampWarning
+    from hierbayes.inference.posteriors.gaussian import covariance_factor
+
+    indefinite = torch.tensor([[[1.0, 0.0], [0.0, -0.5]]], dtype=torch.float64)
+    with pytest.warns(ClampWarning, match="Cholesky factorisation failed"):
+        factor = covariance_factor(indefinite)
+    assert_close(factor @ factor.mT, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64))

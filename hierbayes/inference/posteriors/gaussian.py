@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from hierbayes.inference.core.numerics import nonnegative_eigenvalues
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.linearized import linearized_gaussian
 from hierbayes.inference.posteriors.mixture import predict_from_draws
@@ -64,7 +65,10 @@ def covariance_factor(covariance: Tensor) -> Tensor:
     if bool((info == 0).all()):
         return tril
     evals, evecs = torch.linalg.eigh(covariance)
-    return evecs * evals.clamp_min(0).sqrt().unsqueeze(-2) @ evecs.transpose(-1, -2)
+    kept = nonnegative_eigenvalues(
+        evals, "a posterior covariance whose Cholesky factorisation failed", stacklevel=3
+    )
+    return evecs * kept.sqrt().unsqueeze(-2) @ evecs.transpose(-1, -2)
 
 
 def _check_method(method: str) -> None:
