@@ -46,7 +46,7 @@ def logistic(x: Tensor, y: Tensor | None = None) -> None:
     T, N = x.shape[0], x.shape[1]
     with pyro.plate("tasks", T, dim=-2):
         w = pyro.sample("w", dist.Normal(mu, 1.0).to_event(1))  # (T, 1, 2)
-        logits = w[..., :1] * x[..., 0] + w[..., 1:]  # (T, N)
+        logits = w[..., 0] * x[..., 0] + w[..., 1]  # (T, N)
         with pyro.plate("data", N, dim=-1):
             pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 

@@ -19,6 +19,7 @@ from hierbayes.inference.core.laplace import (
     predictive_output_variance,
     prior_precision,
 )
+from hierbayes.inference.core.mode import newton_mode
 from hierbayes.inference.curvature import (
     CurvatureBuilder,
     CurvatureEstimate,
@@ -148,25 +149,33 @@ def laplace_posterior(
     Works for any adapted point, e.g. MAML's: ``laplace_posterior(result.guide.density,
     result.params, result.adapt(batch).mean, batch.support_x, batch.support_y)``.
 
-    ``refine_steps`` Newton steps :math:`\phi \leftarrow \phi + \hat H^{-1}\nabla_\phi
-    \log p(\phi\mid\mathcal D^s_j, \theta)` with the chosen curvature (Gauss--Newton for
-    ``ggn``) move the centre from the truncated-gradient point to the posterior mode first:
-    the classical Laplace approximation. One step is exact for the linear-Gaussian model.
+    ``refine_steps`` damped, monotone Newton steps :math:`\phi \leftarrow \phi + \alpha\hat
+    H^{-1}\nabla_\phi \log p(\phi\mid\mathcal D^s_j, \theta)` with the chosen curvature
+    (Gauss--Newton for ``ggn``; :func:`~hierbayes.inference.core.mode.newton_mode`: a step that
+    would lower the log joint is halved, then rejected) move the centre from the
+    truncated-gradient point to the posterior mode first: the classical Laplace approximation.
+    One step is exact for the linear-Gaussian model.
     """
     params = {k: v.detach() for k, v in params.items()}
     phi = phi.detach()
     P = prior_precision(density, params, phi.shape[0], damping=damping)
-    for _ in range(refine_steps):
-        with torch.enable_grad():
-            point = phi.clone().requires_grad_(True)
-            log_joint = density.log_likelihood(params, point, x, y, mask) + density.log_prior(
-                params, point, x
-            )
-            (grad,) = torch.autograd.grad(log_joint.sum(), point)
-        inputs = CurvatureInputs(density, params, phi, x, y, mask, P, create_graph=False)
-        with torch.no_grad():
-            phi = phi + build_curvature(curvature, inputs).solve(grad)
     inputs = CurvatureInputs(density, params, phi, x, y, mask, P, create_graph=False)
-    with torch.no_grad():
-        estimate = build_curvature(curvature, inputs)
-    return LaplacePosterior(density, params, phi, estimate, inputs, jacobian=jacobian)
+    if refine_steps > 0:
+        search = newton_mode(
+            density,
+            params,
+            phi,
+            x,
+            y,
+            mask,
+            precision=P,
+            curvature=curvature,
+            steps=refine_steps,
+            create_graph=False,
+        )
+        inputs.phi = search.phi
+        estimate = search.curvature
+    else:
+        with torch.no_grad():
+            estimate = build_curvature(curvature, inputs)
+    return LaplacePosterior(density, params, inputs.phi, estimate, inputs, jacobian=jacobian)

@@ -13,8 +13,9 @@ ML-LAPLACE) with a curvature of the query set:
     \qquad \eta = 10^{-6}\ \text{(the paper's cross-validated value)}.
 
 ``"evidence"`` (:class:`LaplaceEvidenceObjective`), the full Laplace evidence of MATH.md §4 of
-each task's data (support and query by default), with a one-Newton-step correction that makes
-it exact for the linear-Gaussian model (:func:`~hierbayes.inference.posteriors.laplace.laplace_log_evidence`):
+each task's data (support and query by default), evaluated at each task's mode, found by damped
+Newton steps from the guide's :math:`\hat\phi_j` (:func:`~hierbayes.inference.core.mode.newton_mode`;
+exact for the linear-Gaussian model, where one step reaches the mode):
 
 .. math::
 
@@ -55,6 +56,7 @@ from hierbayes.inference.core.losses import (
     penalty_losses,
     predictive_losses,
 )
+from hierbayes.inference.core.mode import ModeReport
 from hierbayes.inference.curvature import CurvatureBuilder, get_curvature
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.laplace import laplace_posterior
@@ -203,21 +205,80 @@ class LaplacePenaltyObjective(LaplaceObjective):
 
 
 class LaplaceEvidenceObjective(LaplaceObjective):
-    r"""Negative Laplace evidence of each task's data (support and query by default)."""
+    r"""Negative Laplace evidence of each task's data (support and query by default), at the
+    task's mode.
+
+    The Laplace evidence is the classical approximation only at a mode of the task's log
+    joint. Away from one, the one-Newton-step correction :math:`\tfrac12 g^\top\hat H^{-1}g`
+    keeps it exact for the linear-Gaussian model, but with a non-Gaussian likelihood or an
+    approximate curvature it is neither exact nor a bound, and meta-training exploits it
+    (on hierarchical logistic regression the objective fell to 12.8 nats a task while the
+    true :math:`-\log p(\mathcal D_j\mid\theta)` at the learned :math:`\theta` was 38.6).
+    So the guide's truncated-gradient :math:`\hat\phi_j` is only the start: up to
+    ``mode_steps`` damped, monotone Newton steps with the objective's curvature
+    (:func:`~hierbayes.inference.core.mode.newton_mode`, differentiable: the meta-gradient
+    flows through the refined mode into :math:`\theta`) move it to the mode before the
+    evidence is evaluated. One step is exact for the linear-Gaussian model. Each step costs
+    one more curvature build (and keeps its graph for the meta-gradient); a task stops as
+    soon as it is within ``mode_tolerance``, and the call as soon as every task is.
+
+    Parameters
+    ----------
+    newton_correction:
+        Add :math:`\tfrac12 g^\top\hat H^{-1}g` at the last iterate (below
+        ``mode_tolerance`` at a converged mode).
+    mode_steps:
+        The most Newton steps per call (``0``: evaluate at :math:`\hat\phi_j`, the old
+        behaviour, exact only for the linear-Gaussian model).
+    mode_tolerance:
+        A task's search stops once its Newton decrement :math:`\tfrac12 g^\top\hat H^{-1}g`
+        (the nats its log joint lies below the mode, to second order) is at most this; the
+        evidence is then within about this many nats of the Laplace evidence at the mode,
+        well below the Laplace approximation's own error.
+
+    Attributes
+    ----------
+    last_mode:
+        :class:`~hierbayes.inference.core.mode.ModeReport` of the last call: Newton steps
+        taken, and per task the gradient norm, the decrement and whether it converged. When
+        a call ends with a task above the tolerance the objective warns (``fit`` reports it
+        once, with a count).
+    """
 
     name = "evidence"
     default_data: CurvatureData = "both"
 
     def __init__(
-        self, num_tasks: int | None = None, *, newton_correction: bool = True, **options: Any
+        self,
+        num_tasks: int | None = None,
+        *,
+        newton_correction: bool = True,
+        mode_steps: int = 5,
+        mode_tolerance: float = 1e-2,
+        **options: Any,
     ) -> None:
         super().__init__(num_tasks, **options)
+        if mode_steps < 0:
+            raise ValueError(f"mode_steps must be >= 0; got {mode_steps}")
+        if not mode_tolerance >= 0:
+            raise ValueError(f"mode_tolerance must be >= 0; got {mode_tolerance}")
         self.newton_correction = newton_correction
+        self.mode_steps = mode_steps
+        self.mode_tolerance = mode_tolerance
+        self.last_mode: ModeReport | None = None
+
+    @property
+    def last_mode_gradient_norm(self) -> float | None:
+        r"""The largest :math:`\lVert\nabla_\phi\log p(\mathcal D_j, \phi\mid\theta)\rVert` over
+        the tasks of the last call, where the evidence was evaluated (``None`` before one)."""
+        if self.last_mode is None:
+            return None
+        return float(self.last_mode.gradient_norm.max())
 
     def task_losses(
         self, density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, batch: TaskBatch
     ) -> Tensor:
-        return evidence_losses(
+        losses, search = evidence_losses(
             density,
             params,
             phi,
@@ -226,7 +287,24 @@ class LaplaceEvidenceObjective(LaplaceObjective):
             curvature=self.curvature,
             curvature_data=self.curvature_data,
             newton_correction=self.newton_correction,
+            mode_steps=self.mode_steps,
+            mode_tolerance=self.mode_tolerance,
         )
+        self.last_mode = search.report()
+        if self.mode_steps > 0 and not bool(self.last_mode.converged.all()):
+            advice = "raise mode_steps"
+            if self.curvature in ("diag", "kfac"):
+                advice += f", or use curvature='ggn' (curvature={self.curvature!r} is coarser)"
+            warnings.warn(
+                f"the Laplace evidence's mode search stopped with some tasks' Newton decrement "
+                f"above mode_tolerance={self.mode_tolerance:g} after mode_steps="
+                f"{self.mode_steps}: the evidence is evaluated away from their modes, where it "
+                f"is neither exact nor a bound. To fix it, {advice}; objective.last_mode has "
+                "each task's gradient norm and decrement",
+                UserWarning,
+                stacklevel=2,
+            )
+        return losses
 
 
 class LinearizedPredictiveObjective(LaplaceObjective):
