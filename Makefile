@@ -47,8 +47,9 @@ bench: $(STAMP)
 
 # The demo's figures for BENCHMARKS.md (its printed report, at the commit recorded beside it).
 bench-demo: $(STAMP)
-	$(BIN)/python -m hierbayes demo --out benchmarks/results/demo --no-progress
-	git rev-parse --short HEAD > benchmarks/results/demo/COMMIT
+	commit=$$(git rev-parse --short HEAD) && \
+	$(BIN)/python -m hierbayes demo --out benchmarks/results/demo --no-progress && \
+	echo $$commit > benchmarks/results/demo/COMMIT
 
 # Regenerate BENCHMARKS.md's measured tables from the JSON under benchmarks/results/.
 bench-report: $(STAMP)
