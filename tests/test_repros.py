@@ -68,3 +68,27 @@ def test_repro_09_a_repeated_warning_is_issued_once_with_its_count_and_its_advic
             progress=False,
         )
     assert bool(torch.isfinite(result.theta).all())
+
+
+def readme_model(x: Tensor, y: Tensor | None = None) -> None:
+    """The README's own model: it observes y[..., 0], without the trailing output dimension."""
+    theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+    with pyro.plate("tasks", x.shape[0], dim=-2):
+        phi = pyro.sample("phi", dist.Normal(theta, 1.0).to_event(1))
+        mean = x[..., 0] * phi[..., 0] + phi[..., 1]
+        with pyro.plate("data", x.shape[1], dim=-1):
+            pyro.sample("y", dist.Normal(mean, 0.5), obs=None if y is None else y[..., 0])
+
+
+def test_repro_01_the_readme_model_converts_to_inference_data() -> None:
+    from hierbayes.inference.arviz_bridge import to_inference_data
+    from hierbayes.tasks import SinusoidTasks
+
+    tasks = SinusoidTasks(shots=10, query_shots=10)
+    result = fit(readme_model, tasks, meta_steps=5, step_size=0.002, progress=False)
+    heldout = tasks.sample(3, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ArviZ's 1.0 notice
+        idata = to_inference_data(result.adapt(heldout), heldout, num_draws=20, num_chains=2)
+    assert "posterior" in idata.groups()
+    assert len(idata.posterior.chain) == 2 and len(idata.posterior.draw) == 20

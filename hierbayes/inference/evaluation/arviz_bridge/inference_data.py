@@ -106,6 +106,10 @@ def _pointwise(
             xs = xq.unsqueeze(0).expand(n, *xq.shape).reshape(n * T, *xq.shape[1:])
             ys = yq.unsqueeze(0).expand(n, *yq.shape).reshape(n * T, *yq.shape[1:])
             fn = density.predictive(params, chunk.reshape(n * T, D), xs)
+            site_shape = fn.batch_shape + fn.event_shape
+            if ys.shape != site_shape and ys.numel() == site_shape.numel():
+                # the model observes y in its own layout (e.g. y[..., 0], no trailing dim)
+                ys = ys.reshape(site_shape)
             log_lik.append(fn.log_prob(ys).reshape(n, T, -1))
             predictive.append(fn.sample().reshape(n, T, *yq.shape[1:]))
     return torch.cat(log_lik).reshape(C, S, T, -1), torch.cat(predictive)
