@@ -154,7 +154,29 @@ def demo() -> str:
     )
 
 
+def prior_scale() -> str:
+    data = _load("prior_scale.json")
+    if data is None:
+        return "_No `benchmarks/results/prior_scale.json` yet._"
+    lines = [
+        _head(data),
+        "",
+        "| inner step, learned s | s at steps 0 / 2k / 4k / 6k / 8k / end | σ̂ at the same steps | "
+        "effective MSE step at the end |",
+        "|---|---|---|---|",
+    ]
+    for run in data["runs"]:
+        trace = run["trace"][::4]
+        s_path = " / ".join(f"{t['prior_scale']:.3g}" for t in trace)
+        sigma = " / ".join(f"{t['noise_scale']:.2f}" for t in trace)
+        lines.append(
+            f"| {run['config']} | {s_path} | {sigma} | {run['trace'][-1]['mse_step']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "prior_scale": prior_scale,
     "meta_step": meta_step,
     "llama": llama,
     "seeds_5shot": seeds("seeds_5shot.json"),
