@@ -131,6 +131,27 @@ def seeds(name: str) -> Callable[[], str]:
     return render
 
 
+def demo() -> str:
+    folder = RESULTS / "demo"
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return "_No `benchmarks/results/demo/metrics.json` yet (`make bench-demo`)._"
+    from hierbayes.experiments.sinusoid import format_report
+
+    reports = list(json.loads(path.read_text()).values())
+    commit = (folder / "COMMIT").read_text().strip() if (folder / "COMMIT").is_file() else "?"
+    return "\n".join(
+        [
+            f"`make bench-demo` (`python -m hierbayes demo`, seed {reports[0].get('seed', 0)}) "
+            f"at commit `{commit}`; the table is the demo's own printed report:",
+            "",
+            "```",
+            format_report(reports),
+            "```",
+        ]
+    )
+
+
 def prior_scale() -> str:
     data = _load("prior_scale.json")
     if data is None:
