@@ -120,13 +120,18 @@ class FitResult:
         current values of a function model's ``pyro.param`` sites (kept in Pyro's parameter
         store, shared by name: fitting the same function model again replaces them)."""
         values = {k: v.detach() for k, v in self.guide.global_values().items()}
+        own: set[int] = set()
+        if isinstance(self.model, torch.nn.Module):
+            # a module's parameters by their attribute names (not Pyro's instance-numbered ones)
+            own = {id(p) for p in self.model.parameters()}
+            for name, value in _module_param_values(self.model).items():
+                values.setdefault(name, value)
         store = pyro.get_param_store()
         for name in self.guide.structure.param_sites:
             if name in store and name not in values:
-                values[name] = store.get_param(name).detach()
-        if isinstance(self.model, torch.nn.Module):
-            for name, value in _module_param_values(self.model).items():
-                values.setdefault(name, value)
+                value = store.get_param(name)
+                if id(value.unconstrained()) not in own:  # type: ignore[attr-defined]
+                    values[name] = value.detach()
         return values
 
     @property

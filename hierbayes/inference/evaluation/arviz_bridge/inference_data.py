@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import arviz as az
 import numpy as np
@@ -106,7 +106,7 @@ def _pointwise(
             xs = xq.unsqueeze(0).expand(n, *xq.shape).reshape(n * T, *xq.shape[1:])
             ys = yq.unsqueeze(0).expand(n, *yq.shape).reshape(n * T, *yq.shape[1:])
             fn = density.predictive(params, chunk.reshape(n * T, D), xs)
-            site_shape = fn.batch_shape + fn.event_shape
+            site_shape = torch.Size(cast(Any, fn).shape())  # batch_shape + event_shape
             if ys.shape != site_shape and ys.numel() == site_shape.numel():
                 # the model observes y in its own layout (e.g. y[..., 0], no trailing dim)
                 ys = ys.reshape(site_shape)
