@@ -122,21 +122,21 @@ def _sinusoid_parser(sub: Any) -> None:
         help="s in p(phi | theta) = N(theta, s^2 I) (LLAMA's prior precision is 1/s^2)",
     )
     p.add_argument(
-        "--learn-prior-scale",
+        "--fixed-prior-scale",
         action="store_true",
-        help="learn s with the predictive or evidence objective (it tends to collapse)",
+        help="keep s fixed (by default LLAMA's predictive and evidence objectives learn it)",
     )
     p.add_argument(
         "--prior-scale-hyperprior",
-        default="1.0",
+        default="none",
         help="scale of the LogNormal hyperprior on a learned prior scale, or 'none' for none",
     )
     p.add_argument(
         "--inner-loss",
-        default="sum",
+        default="mse",
         choices=["sum", "mean", "mse"],
-        help="the inner step's loss: summed log likelihood (default), its per-point mean, or "
-        "MAML's support MSE with --inner-lr as the step (independent of the learned noise)",
+        help="the inner step's loss: MAML's support MSE with --inner-lr as the step (default; "
+        "independent of the learned noise), the summed log likelihood, or its per-point mean",
     )
     p.add_argument(
         "--per-task-noise",
@@ -194,7 +194,7 @@ def _run_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress,
         per_task_noise=args.per_task_noise,
         prior_scale=args.prior_scale,
-        learn_prior_scale=args.learn_prior_scale,
+        learn_prior_scale=not args.fixed_prior_scale,
         prior_scale_hyperprior=(
             None
             if args.prior_scale_hyperprior.lower() == "none"

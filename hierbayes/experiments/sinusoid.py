@@ -67,10 +67,11 @@ class SinusoidConfig:
     per_task_noise: bool = False
     #: Initial prior scale s of p(phi | theta) = N(theta, s^2 I) (prior precision 1/s^2).
     prior_scale: float = 0.1
-    #: Learn s as a global latent (LLAMA's predictive and evidence objectives only; the paper's
-    #: loss would collapse it). Off by default: the predictive objective drives a learned s to
-    #: about 1e-4 over 30,000 steps, leaving a posterior with no width (BENCHMARKS.md, §3).
-    learn_prior_scale: bool = False
+    #: Learn s (LLAMA's predictive and evidence objectives only; the paper's loss would collapse
+    #: it). On by default with MAML's MSE inner step, under which s stays put and carries the
+    #: weight uncertainty; with the summed-log-likelihood step a learned s collapses
+    #: (BENCHMARKS.md §3: why, and the comparison over seeds that chose these defaults).
+    learn_prior_scale: bool = True
     #: LLAMA's options: ``objective``, ``curvature``, ``eta``, ``curvature_data``, ``damping``.
     method_options: dict[str, Any] = field(default_factory=dict)
     #: For methods other than MAML: also meta-train MAML and report paired differences.
@@ -80,9 +81,10 @@ class SinusoidConfig:
     #: What the inner step climbs: "sum" (the summed log likelihood, with the step below),
     #: "mean" (per support point) or "mse" (MAML's support MSE with ``inner_lr`` itself: the
     #: step then depends on neither the learned noise nor K, as in the issue-14 prototype).
-    inner_loss: InnerLoss = "sum"
-    #: Scale of the LogNormal hyperprior on a learned prior scale; None learns it with none.
-    prior_scale_hyperprior: float | None = 1.0
+    inner_loss: InnerLoss = "mse"
+    #: Scale of the LogNormal hyperprior on a learned prior scale; None (default) learns it with
+    #: none (for these endless task families the hyperprior has no weight anyway).
+    prior_scale_hyperprior: float | None = None
 
     @property
     def step_size(self) -> float:
