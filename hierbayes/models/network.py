@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -70,7 +71,7 @@ class ParameterLayout:
             )
         return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.shapes)
 
@@ -89,10 +90,12 @@ class ParameterLayout:
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split ``flat`` of shape ``(..., D)`` into ``{name: (..., *shape)}`` views."""
-        parts = torch.split(flat, list(self.sizes), dim=-1)
+        parts = torch.split(flat, self.sizes, dim=-1)
         batch = flat.shape[:-1]
+        # a vector parameter (a bias) is its split piece already; only matrices are reshaped
         return {
-            n: p.reshape(*batch, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)
+            n: p if len(s) == 1 else p.reshape(*batch, *s)
+            for n, p, s in zip(self.names, parts, self.shapes, strict=True)
         }
 
     def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:

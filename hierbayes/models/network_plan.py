@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, Literal, TypeAlias
 
 import torch
@@ -120,7 +121,7 @@ class ActivationStep:
     name: str
     constants: tuple[tuple[str, float], ...] = ()
 
-    @property
+    @cached_property
     def kwargs(self) -> dict[str, float]:
         """The constants as keyword arguments."""
         return dict(self.constants)
