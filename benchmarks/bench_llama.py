@@ -167,7 +167,7 @@ def main() -> None:
     }
     report = {
         "benchmark": "LLAMA meta-step time and memory vs MAML (sinusoid: 25 tasks, 10+10 points, 1 inner step, second order)",
-        "command": f"python benchmarks/bench_llama.py --steps {args.steps} --full-steps {args.full_steps} --rounds {args.rounds} --full-rounds {args.full_rounds} --threads {args.threads}",
+        "command": "python benchmarks/bench_llama.py " + " ".join(sys.argv[1:]),
         "commit": commit(),
         "machine": {
             "cpu": cpu_name(),
