@@ -55,7 +55,7 @@ def test_groups_dims_and_coords() -> None:
     assert set(idata.groups()) == {
         "posterior",
         "posterior_predictive",
-        "log_likelihood",
+        "heldout_log_likelihood",
         "observed_data",
         "constant_data",
     }
@@ -66,7 +66,7 @@ def test_groups_dims_and_coords() -> None:
     assert list(idata.posterior["parameter"].values) == ["weight[0,0]", "weight[0,1]", "bias[0]"]
     assert idata.posterior_predictive["y"].dims == ("chain", "draw", "task", "point")
     assert idata.posterior_predictive["y"].shape == (3, 50, 3, 4)
-    assert idata.log_likelihood["y"].dims == ("chain", "draw", "task", "point")
+    assert idata.heldout_log_likelihood["y"].dims == ("chain", "draw", "task", "point")
     assert idata.observed_data["y"].dims == ("task", "point")
     np.testing.assert_allclose(idata.observed_data["y"].values, tasks.query_y[..., 0].numpy())
     # theta is recorded with the parameter coordinate, the query inputs beside it
@@ -84,7 +84,9 @@ def test_log_likelihood_is_the_pointwise_query_density_at_each_draw() -> None:
     c, s = 1, 7
     f = (tasks.query_x * phi[c, s, :, None, :2]).sum(-1) + phi[c, s, :, None, 2]
     expected = torch.distributions.Normal(f, 0.5).log_prob(tasks.query_y[..., 0])
-    np.testing.assert_allclose(idata.log_likelihood["y"].values[c, s], expected.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        idata.heldout_log_likelihood["y"].values[c, s], expected.numpy(), rtol=1e-12
+    )
 
 
 def test_gaussian_draws_use_common_random_numbers() -> None:
@@ -136,7 +138,7 @@ def test_point_mass_and_multi_output_targets() -> None:
     idata = to_inference_data(PointMassPosterior(density, {}, phi), tasks, num_draws=10)
     assert idata.posterior_predictive["y"].dims == ("chain", "draw", "task", "point", "output")
     assert idata.observed_data["y"].dims == ("task", "point", "output")
-    assert idata.log_likelihood["y"].dims == ("chain", "draw", "task", "point")
+    assert idata.heldout_log_likelihood["y"].dims == ("chain", "draw", "task", "point")
     names = list(idata.posterior["parameter"].values)
     assert names[:2] == ["0.weight[0,0]", "0.weight[1,0]"] and names[-1] == "2.bias[1]"
     assert len(names) == model.num_params == len(set(names))
@@ -163,7 +165,7 @@ def test_query_mask_is_refused() -> None:
 def test_heldout_elpd_and_compare() -> None:
     tasks, density, params, mean, cov = linear_setup()
     good = to_inference_data(GaussianPosterior(density, params, mean, cov), tasks, num_draws=40)
-    ll = good.log_likelihood["y"].values.reshape(-1, 12)
+    ll = good.heldout_log_likelihood["y"].values.reshape(-1, 12)
     expected = np.log(np.mean(np.exp(ll), axis=0))
     np.testing.assert_allclose(heldout_pointwise(good), expected, rtol=1e-12)
     pointwise = {"a": expected, "b": expected - 0.5, "c": expected - 0.1}
@@ -285,3 +287,33 @@ def test_layers_import_one_way() -> None:
                     assert not node.module.startswith("arviz."), (path.name, node.module)
                     private = any(part.startswith("_") for part in node.module.split("."))
                     assert not (node.module.startswith("pyro") and private), node.module
+
+
+def test_variables_are_named_after_the_sites_and_az_loo_refuses_heldout_points() -> None:
+    """repro_11: a plain program's site names and integer parameter coordinates; the held-out
+    log likelihood is not where az.loo would treat it as in-sample."""
+    import arviz as az
+    import pyro
+    import pyro.distributions as dist
+
+    from hierbayes.inference import fit
+    from hierbayes.inference.arviz_bridge import observed_variable, posterior_variable
+    from tests.helpers import regression_batch
+
+    def line(x, y=None):  # type: ignore[no-untyped-def]
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 3.0).to_event(1))
+        with pyro.plate("tasks", x.shape[0], dim=-2):
+            w = pyro.sample("w", dist.Normal(mu, 1.0).to_event(1))
+            with pyro.plate("data", x.shape[1], dim=-1):
+                mean = w[..., 0] * x[..., 0] + w[..., 1]
+                pyro.sample("obs", dist.Normal(mean, 0.5), obs=None if y is None else y[..., 0])
+
+    tasks = regression_batch(T=3, N=5, M=4)
+    result = fit(line, tasks, meta_steps=3, step_size=0.01, progress=False)
+    idata = to_inference_data(result.adapt(tasks), tasks, num_draws=10, num_chains=2)
+    assert posterior_variable(idata) == "w" and observed_variable(idata) == "obs"
+    assert list(idata.posterior["w"].coords["parameter"].values) == [0, 1]
+    assert set(idata.heldout_log_likelihood.data_vars) == {"obs"}
+    assert "log_likelihood" not in idata.groups()
+    with pytest.raises(TypeError, match="log likelihood"):
+        az.loo(idata)

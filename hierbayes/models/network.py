@@ -75,6 +75,10 @@ class ParameterLayout:
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.shapes)
 
+    @cached_property
+    def _split_sizes(self) -> list[int]:
+        return list(self.sizes)
+
     @property
     def num_params(self) -> int:
         return sum(self.sizes)
@@ -90,7 +94,7 @@ class ParameterLayout:
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split ``flat`` of shape ``(..., D)`` into ``{name: (..., *shape)}`` views."""
-        parts = torch.split(flat, self.sizes, dim=-1)
+        parts = torch.split(flat, self._split_sizes, dim=-1)
         batch = flat.shape[:-1]
         # a vector parameter (a bias) is its split piece already; only matrices are reshaped
         return {

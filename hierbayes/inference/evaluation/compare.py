@@ -249,6 +249,7 @@ def compare_approximations(
         compare_elpd,
         convergence_diagnostics,
         heldout_pointwise,
+        posterior_variable,
         to_inference_data,
     )
 
@@ -281,7 +282,9 @@ def compare_approximations(
             name=name,
             wall_time=times.get(name),
         )
-        draws[name] = torch.tensor(np.array(idatas[name].posterior["phi"].values))
+        draws[name] = torch.tensor(
+            np.array(idatas[name].posterior[posterior_variable(idatas[name])].values)
+        )
     pointwise = {name: heldout_pointwise(idatas[name]) for name in names}
     sizes = {name: int(d.shape[0] * d.shape[1]) for name, d in draws.items()}
     elpd = compare_elpd(pointwise, num_samples=sizes)

@@ -7,27 +7,37 @@ ArviZ through it, and only when a function of it is called.
 mass, a Laplace or mean-field Gaussian, NUTS draws) and a batch of held-out tasks into an
 ``InferenceData`` with the groups
 
-* ``posterior``: ``phi`` (chain, draw, task, parameter), the draws :math:`\phi^{(c,s)}_j`;
-* ``posterior_predictive``: ``y`` (chain, draw, task, point[, output]), draws
+Variables are named after the model's own sites: the per-task site (``phi`` for a ``TaskModel``,
+``w`` for a program that samples ``pyro.sample("w", ...)``) and the observed site (``y``):
+
+* ``posterior``: the per-task site (chain, draw, task, parameter), the draws
+  :math:`\phi^{(c,s)}_j`;
+* ``posterior_predictive``: the observed site (chain, draw, task, point[, output]), draws
   :math:`y \sim p(y\mid\phi^{(c,s)}_j, x^q_{jm})` at the query inputs;
-* ``log_likelihood``: ``y`` (chain, draw, task, point), :math:`\log p(y^q_{jm}\mid
-  \phi^{(c,s)}_j)` per query point;
-* ``observed_data``: ``y`` (task, point[, output]), the query targets;
+* ``heldout_log_likelihood``: the observed site (chain, draw, task, point),
+  :math:`\log p(y^q_{jm}\mid\phi^{(c,s)}_j)` per held-out query point;
+* ``observed_data``: the observed site (task, point[, output]), the query targets;
 * ``constant_data``: ``x`` (task, point[, input]), the query inputs, and the global values the
   posterior was computed with: ``theta`` (parameter) and the others (``noise_scale``, ...)
   under their site names. This is where :math:`\hat\theta` is recorded;
 * ``sample_stats`` (NUTS only): ``diverging`` (chain, draw, task).
 
-Coordinates: ``task`` holds the batch's ``task_ids`` (else ``0..T-1``); ``parameter`` holds
-names built from the network's :class:`~hierbayes.models.network.ParameterLayout`, the module's
-parameter name and a row-major index, e.g. ``"0.weight[3,0]"``, ``"2.bias[7]"`` (``"phi[i]"``
-for a model without a layout); ``point`` is ``0..M-1``. A target with one output per point is
-stored without the ``output`` dimension. Non-MCMC posteriors get ``num_chains`` "chains" of
-independent draws, so ArviZ's functions apply unchanged.
+Coordinates: ``task`` holds the batch's ``task_ids`` (else ``0..T-1``); ``parameter`` holds, for
+a network model, names built from the network's
+:class:`~hierbayes.models.network.ParameterLayout` (the module's parameter name and a row-major
+index, e.g. ``"0.weight[3,0]"``, ``"2.bias[7]"``), and the integers ``0..D-1`` for any other
+model; ``point`` is ``0..M-1``. A target with one output per point is stored without the
+``output`` dimension. Non-MCMC posteriors get ``num_chains`` "chains" of independent draws, so
+ArviZ's functions apply unchanged. :func:`posterior_variable` and :func:`observed_variable`
+name the variables of an ``InferenceData`` (recorded in the attributes ``task_site`` and
+``observed_site``).
 
-The ``log_likelihood`` group is per query point, as ``az.loo``, ``az.waic`` and ``az.compare``
-expect. The query points never entered the posterior, so the held-out ELPD is the plain
-Monte-Carlo log predictive density, with no leave-one-out correction (:func:`compare_elpd`).
+**Held-out, not in-sample.** The query points never entered the posterior, so their pointwise
+log likelihood is kept in ``heldout_log_likelihood``, not in ArviZ's ``log_likelihood`` group:
+``az.loo`` and ``az.waic`` estimate out-of-sample fit from *in-sample* points, and fed held-out
+ones they would silently report a meaningless PSIS-LOO (``az.loo`` on this ``InferenceData``
+refuses: it finds no log likelihood). The held-out ELPD is the plain Monte-Carlo log predictive
+density, which :func:`compare_elpd` hands to ``az.compare``.
 
 Modules: :mod:`~hierbayes.inference.evaluation.arviz_bridge.inference_data`
 (:func:`to_inference_data`, :func:`parameter_names`),
@@ -57,7 +67,10 @@ from hierbayes.inference.evaluation.arviz_bridge.figures import (
     plot_posterior,
 )
 from hierbayes.inference.evaluation.arviz_bridge.inference_data import (
+    observed_variable,
+    parameter_coords,
     parameter_names,
+    posterior_variable,
     to_inference_data,
 )
 
@@ -66,8 +79,11 @@ __all__ = [
     "convergence_diagnostics",
     "default_parameters",
     "heldout_pointwise",
+    "observed_variable",
+    "parameter_coords",
     "parameter_names",
     "plot_forest",
     "plot_posterior",
+    "posterior_variable",
     "to_inference_data",
 ]

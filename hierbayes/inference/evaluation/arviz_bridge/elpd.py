@@ -29,6 +29,8 @@ import arviz as az
 import numpy as np
 import xarray as xr
 
+from hierbayes.inference.evaluation.arviz_bridge.inference_data import observed_variable
+
 __all__ = ["compare_elpd", "heldout_pointwise"]
 
 
@@ -37,7 +39,9 @@ def heldout_pointwise(idata: az.InferenceData) -> np.ndarray:
 
     .. math:: \log \frac{1}{CS} \sum_{c,s} p(y^q_{jm} \mid \phi^{(c,s)}_j).
     """
-    ll = np.asarray(idata["log_likelihood"]["y"].values, dtype=np.float64)
+    ll = np.asarray(
+        idata["heldout_log_likelihood"][observed_variable(idata)].values, dtype=np.float64
+    )
     C, S = ll.shape[:2]
     flat = ll.reshape(C * S, -1)
     top = flat.max(axis=0)

@@ -20,13 +20,15 @@ import arviz as az
 import numpy as np
 import xarray as xr
 
+from hierbayes.inference.evaluation.arviz_bridge.inference_data import posterior_variable
+
 __all__ = ["default_parameters", "plot_forest", "plot_posterior"]
 
 
-def default_parameters(idata: az.InferenceData, max_parameters: int = 8) -> list[str]:
-    """The last ``max_parameters`` parameter names: a network's output layer."""
-    names = [str(v) for v in idata["posterior"]["parameter"].values]
-    return names[-max_parameters:]
+def default_parameters(idata: az.InferenceData, max_parameters: int = 8) -> list[Any]:
+    """The last ``max_parameters`` parameter coordinates: a network's output layer."""
+    values = [v.item() if hasattr(v, "item") else v for v in idata["posterior"]["parameter"].values]
+    return values[-max_parameters:]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -68,8 +70,8 @@ def _plot_point_mass(axes: np.ndarray, phi: xr.DataArray, chosen: Sequence[str])
 
 
 def _selection(
-    idata: az.InferenceData, task: int | None, parameters: Sequence[str] | None
-) -> tuple[Any, list[str]]:
+    idata: az.InferenceData, task: int | None, parameters: Sequence[Any] | None
+) -> tuple[Any, list[Any]]:
     task_id = idata["posterior"]["task"].values[0] if task is None else task
     chosen = list(parameters) if parameters is not None else default_parameters(idata)
     return task_id, chosen
@@ -80,7 +82,7 @@ def plot_forest(
     path: str | Path,
     *,
     task: int | None = None,
-    parameters: Sequence[str] | None = None,
+    parameters: Sequence[Any] | None = None,
     hdi_prob: float = 0.9,
     title: str | None = None,
 ) -> Path:
@@ -100,13 +102,15 @@ def plot_forest(
         az.plot_forest(
             [idatas[n] for n in names],
             model_names=names,
-            var_names=["phi"],
+            var_names=[posterior_variable(first)],
             coords={"task": [task_id], "parameter": chosen},
             combined=True,
             hdi_prob=hdi_prob,
             ax=ax,
         )
-    ax.set_title(title or f"task {task_id}: {hdi_prob:.0%} intervals of phi")
+    ax.set_title(
+        title or f"task {task_id}: {hdi_prob:.0%} intervals of {posterior_variable(first)}"
+    )
     legend = ax.get_legend()
     if legend is not None:  # beside the axes, not over the intervals
         handles = list(legend.legend_handles)
@@ -124,7 +128,7 @@ def plot_posterior(
     path: str | Path,
     *,
     task: int | None = None,
-    parameters: Sequence[str] | None = None,
+    parameters: Sequence[Any] | None = None,
     reference: az.InferenceData | None = None,
     reference_name: str = "reference",
     hdi_prob: float = 0.9,
@@ -142,7 +146,8 @@ def plot_posterior(
     rows = math.ceil(len(chosen) / cols)
     fig = _figure(3.3 * cols, 0.6 + 2.6 * rows)
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
-    phi = idata["posterior"]["phi"].sel(task=task_id, parameter=chosen)
+    var = posterior_variable(idata)
+    phi = idata["posterior"][var].sel(task=task_id, parameter=chosen)
     spread = phi.std(dim=("chain", "draw"))
     degenerate = bool((spread <= 1e-12 * (1 + abs(phi.mean(dim=("chain", "draw"))))).any())
     shown: az.InferenceData | None = idata
@@ -154,10 +159,10 @@ def plot_posterior(
         shown, marked = reference, idata
     ref_val: Any = None
     if marked is not None:
-        mark = marked["posterior"]["phi"].sel(task=task_id, parameter=chosen)
+        mark = marked["posterior"][posterior_variable(marked)].sel(task=task_id, parameter=chosen)
         mark = mark.mean(dim=("chain", "draw"))
         ref_val = {
-            "phi": [
+            var: [
                 {"task": task_id, "parameter": p, "ref_val": float(mark.sel(parameter=p))}
                 for p in chosen
             ]
@@ -172,7 +177,7 @@ def plot_posterior(
                 _quiet_arviz_plots()
                 az.plot_posterior(
                     shown,
-                    var_names=["phi"],
+                    var_names=[posterior_variable(shown)],
                     coords={"task": [task_id], "parameter": chosen},
                     hdi_prob=hdi_prob,
                     ref_val=ref_val,

@@ -27,7 +27,13 @@ from hierbayes.models.likelihoods import GaussianLikelihood
 from hierbayes.models.task_model import TaskModelDensity
 from hierbayes.tasks.batch import TaskBatch
 
-__all__ = ["parameter_names", "to_inference_data"]
+__all__ = [
+    "observed_variable",
+    "parameter_coords",
+    "parameter_names",
+    "posterior_variable",
+    "to_inference_data",
+]
 
 #: Draws of phi evaluated together when computing log likelihoods and predictive draws.
 _CHUNK = 256
@@ -59,6 +65,26 @@ def parameter_names(density: object, num_params: int) -> list[str]:
     else:
         names.extend(f"likelihood[{i}]" for i in range(extra))
     return names
+
+
+def parameter_coords(density: object, num_params: int) -> list[Any]:
+    """The ``parameter`` coordinate: a network's parameter names (:func:`parameter_names`), or
+    the integers ``0..D-1`` for any other model (the variable already names the site)."""
+    if isinstance(density, NetworkDensity):
+        return list(parameter_names(density, num_params))
+    return list(range(num_params))
+
+
+def posterior_variable(idata: az.InferenceData) -> str:
+    """The name of the per-task site's variable in ``idata``'s posterior group."""
+    site = idata["posterior"].attrs.get("task_site")
+    return str(site) if site else str(next(iter(idata["posterior"].data_vars)))
+
+
+def observed_variable(idata: az.InferenceData) -> str:
+    """The name of the observed site's variable in ``idata``."""
+    site = idata["posterior"].attrs.get("observed_site")
+    return str(site) if site else "y"
 
 
 def _task_coords(tasks: TaskBatch) -> list[int]:
@@ -169,9 +195,12 @@ def to_inference_data(
     ll, predictive = _pointwise(posterior, draws, xq, yq, seed)
     observed, y_dims = _target_layout(yq)
     pp = predictive.reshape(C, S, *observed.shape)
+    structure = posterior.density.structure
+    site = structure.task_site  # variables are named after the model's own sites
+    obs = structure.observed_sites[0] if len(structure.observed_sites) == 1 else "y"
     coords: dict[str, Any] = {
         "task": _task_coords(tasks),
-        "parameter": parameter_names(posterior.density, D),
+        "parameter": parameter_coords(posterior.density, D),
         "point": list(range(observed.shape[1])),
     }
     if len(y_dims) == 3:
@@ -182,8 +211,13 @@ def to_inference_data(
     attrs: dict[str, Any] = {
         "approximation": name or type(posterior).__name__,
         "posterior_class": type(posterior).__name__,
-        "parameter_naming": "module parameter name and row-major index, e.g. '0.weight[3,0]'",
-        "query_points": "held out: they never entered the posterior",
+        "parameter_naming": "module parameter name and row-major index, e.g. '0.weight[3,0]', "
+        "for a network model; the flat index of the per-task site otherwise",
+        "task_site": site,
+        "observed_site": obs,
+        "query_points": "held out: they never entered the posterior, so their pointwise log "
+        "likelihood is in the group 'heldout_log_likelihood', where az.loo and az.waic (which "
+        "assume in-sample points) do not look; hierbayes' compare_elpd scores it directly",
     }
     seconds = wall_time if wall_time is not None else wall_time_of(posterior)
     if math.isfinite(float(seconds)):
@@ -203,10 +237,10 @@ def to_inference_data(
         )
 
     groups: dict[str, xr.Dataset] = {
-        "posterior": dataset({"phi": _as_numpy(draws)}, {"phi": ["task", "parameter"]}),
-        "posterior_predictive": dataset({"y": _as_numpy(pp)}, {"y": y_dims}),
-        "log_likelihood": dataset({"y": _as_numpy(ll)}, {"y": ["task", "point"]}),
-        "observed_data": dataset({"y": _as_numpy(observed)}, {"y": y_dims}, sampled=False),
+        "posterior": dataset({site: _as_numpy(draws)}, {site: ["task", "parameter"]}),
+        "posterior_predictive": dataset({obs: _as_numpy(pp)}, {obs: y_dims}),
+        "heldout_log_likelihood": dataset({obs: _as_numpy(ll)}, {obs: ["task", "point"]}),
+        "observed_data": dataset({obs: _as_numpy(observed)}, {obs: y_dims}, sampled=False),
         "constant_data": dataset(constant, constant_dims, sampled=False),
     }
     if isinstance(posterior, SamplePosterior) and "diverging" in posterior.sampler_stats:
