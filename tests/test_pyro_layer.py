@@ -220,3 +220,17 @@ def test_objectives_refuse_missing_capabilities_before_training() -> None:
             meta_steps=1,
             progress=False,
         )
+
+
+def test_evaluating_a_plain_programs_density_leaves_the_random_stream_alone() -> None:
+    """Without targets the program draws its observations; those draws are internal."""
+    batch = logistic_batch()
+    guide = TruncatedGradientGuide(logistic, batch, inner_steps=1, step_size=0.1)
+    params = guide.global_values()
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    guide.density.prior_mean(params, batch.support_x)
+    guide.density.log_hyperprior(params, batch.support_x)
+    guide.density.predictive(params, guide.density.prior_mean(params, batch.query_x), batch.query_x)
+    assert torch.equal(torch.rand(3), expected)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pyro.distributions as dist
+import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
@@ -226,13 +227,23 @@ class PyroTaskDensity:
     def trace(
         self, params: Mapping[str, Tensor], phi: Tensor | None, x: Tensor, y: Tensor | None
     ) -> Trace:
-        """The program's trace with the globals (and ``phi``, when given) conditioned."""
+        """The program's trace with the globals (and ``phi``, when given) conditioned.
+
+        Without ``y`` the program draws its observations (and without ``phi`` its per-task
+        latent) from the random generators; those draws are never used here (only the sites'
+        distributions are), so they run on a forked generator state: evaluating a density leaves
+        the user's random stream where it was."""
         self._example_x = x[:1]
         data = dict(params)
         if phi is not None:
             data[self.structure.task_site] = self.structure.to_site(phi)
+        run = poutine.trace(poutine.condition(self.model, data=data))
         with poutine.block(hide_types=["sample", "observe"]):
-            return poutine.trace(poutine.condition(self.model, data=data)).get_trace(x, y)
+            if y is not None and phi is not None:
+                return run.get_trace(x, y)
+            devices = [x.device] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                return run.get_trace(x, y)
 
     def log_likelihood(
         self,
