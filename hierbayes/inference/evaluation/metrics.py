@@ -14,7 +14,11 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.posteriors.predictive import CategoricalPrediction, DrawsPrediction
+from hierbayes.inference.posteriors.predictive import (
+    CategoricalPrediction,
+    DrawsPrediction,
+    as_targets,
+)
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["TaskMetrics", "evaluate_posterior", "mean_ci95"]
@@ -121,7 +125,7 @@ def evaluate_posterior(
         if isinstance(prediction, CategoricalPrediction):
             correct = (prediction.probs.argmax(-1) == yq).to(weights.dtype)
             return TaskMetrics(nll=nll, accuracy=per_task(correct), points=counts)
-        err = (prediction.mean - yq).square()
+        err = (prediction.mean - as_targets(yq, prediction.mean)).square()
         mse = per_task(err.reshape(*err.shape[:2], -1).mean(-1))
         coverage = {lvl: per_task(prediction.covers(yq, lvl).to(weights.dtype)) for lvl in levels}
         accuracy = None

@@ -44,6 +44,15 @@ def _normal_quantile(level: float) -> float:
     return math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(level, dtype=torch.float64)))
 
 
+def as_targets(y: Tensor, like: Tensor) -> Tensor:
+    """``y`` shaped like the predictive's ``(T, N, C)`` outputs: targets ``(T, N)`` of a
+    program that observes one value per point gain the trailing output axis (``C = 1``), so
+    that they never broadcast against it."""
+    if y.dim() == like.dim() - 1 and like.shape[-1] == 1 and y.shape == like.shape[:-1]:
+        return y.unsqueeze(-1)
+    return y
+
+
 class Prediction:
     """Predictive distribution of targets at ``(T, N)`` points."""
 
@@ -64,6 +73,7 @@ class Prediction:
     def covers(self, y: Tensor, level: float) -> Tensor:
         """``(T, N)`` booleans: whether every output of ``y`` lies inside the ``level`` interval."""
         lower, upper = self.interval(level)
+        y = as_targets(y, lower)
         inside = (y >= lower) & (y <= upper)
         return inside.reshape(*inside.shape[:2], -1).all(-1)
 
@@ -80,7 +90,7 @@ class GaussianPrediction(Prediction):
         return self.variance.sqrt()
 
     def log_prob(self, y: Tensor) -> Tensor:
-        lp = dist.Normal(self.mean, self.scale).log_prob(y)
+        lp = dist.Normal(self.mean, self.scale).log_prob(as_targets(y, self.mean))
         return lp.reshape(*lp.shape[:2], -1).sum(-1)
 
     def interval(self, level: float = 0.9) -> tuple[Tensor, Tensor]:
@@ -115,6 +125,7 @@ class MixturePrediction(Prediction):
         return self.component_means.var(0, unbiased=False) + noise
 
     def log_prob(self, y: Tensor) -> Tensor:
+        y = as_targets(y, self.component_means[0])
         lp = dist.Normal(self.component_means, self.noise_variance.sqrt()).log_prob(y)
         lp = lp.reshape(*lp.shape[:3], -1).sum(-1)
         return torch.logsumexp(lp, 0) - math.log(lp.shape[0])

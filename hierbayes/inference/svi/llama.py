@@ -22,13 +22,16 @@ exact for the linear-Gaussian model, where one step reaches the mode):
     \mathcal L = -\frac1T\sum_j \log \hat p(\mathcal D_j\mid\theta).
 
 ``"predictive"`` (:class:`LinearizedPredictiveObjective`, the default), the negative log
-likelihood of the query set under the linearised Laplace posterior predictive, with
-:math:`\hat H_j` from the support set:
+likelihood of the query set under the Laplace posterior predictive, with :math:`\hat H_j` from
+the support set; for a Gaussian network the linearised predictive
 
 .. math::
 
     \mathcal L = -\frac1T\sum_j\sum_m \log\mathcal N\big(y^q_{jm};\, f(x^q_{jm};\hat\phi_j),\,
-        \sigma^2 + J_{jm}\hat H_j^{-1}J_{jm}^\top\big).
+        \sigma^2 + J_{jm}\hat H_j^{-1}J_{jm}^\top\big),
+
+for a network classifier its probit approximation, and for any other Pyro program a mixture of
+the model's own observation distribution over reparameterised draws of :math:`\phi_j`.
 
 Each adds the hyperprior term :math:`-\frac1J\log p(\theta)` of
 :class:`~hierbayes.inference.MAMLObjective`.
@@ -52,9 +55,11 @@ from hierbayes.errors import ModelContractError
 from hierbayes.inference.core.laplace import prior_precision
 from hierbayes.inference.core.losses import (
     CurvatureData,
+    PredictiveApprox,
     evidence_losses,
     penalty_losses,
     predictive_losses,
+    resolve_predictive,
 )
 from hierbayes.inference.core.mode import ModeReport
 from hierbayes.inference.curvature import CurvatureBuilder, get_curvature
@@ -308,32 +313,46 @@ class LaplaceEvidenceObjective(LaplaceObjective):
 
 
 class LinearizedPredictiveObjective(LaplaceObjective):
-    r"""Query NLL under the linearised Laplace predictive (support-set curvature)."""
+    r"""Query NLL under the Laplace predictive with support-set curvature, for any model.
+
+    ``predictive`` chooses the approximation (:func:`~hierbayes.inference.core.losses.predictive_losses`):
+    ``"auto"`` (default) takes the linearised Gaussian predictive for a Gaussian network, the
+    probit approximation for a network classifier and ``num_samples`` reparameterised draws of
+    :math:`\phi_j` through the model's own observation site for any other Pyro program.
+    """
 
     name = "predictive"
     default_data: CurvatureData = "support"
 
-    def __init__(self, num_tasks: int | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        num_tasks: int | None = None,
+        *,
+        predictive: PredictiveApprox = "auto",
+        num_samples: int = 16,
+        **options: Any,
+    ) -> None:
         super().__init__(num_tasks, **options)
         if self.curvature_data != "support":
             raise ValueError(
                 "the predictive objective conditions on the support set only: its curvature "
                 "must be of the support set (curvature_data='support')"
             )
+        if predictive not in ("auto", "linearized", "probit", "sampled"):
+            raise ValueError(
+                "predictive must be 'auto', 'linearized', 'probit' or 'sampled'; "
+                f"got {predictive!r}"
+            )
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+        self.predictive: PredictiveApprox = predictive
+        self.num_samples = num_samples
+        self.approximation: str | None = None
 
     def check(self, density: TaskDensity) -> None:
         super().check(density)
-        caps = self._caps()
-        caps.require(
-            "network",
-            "the linearised predictive objective",
-            "for another Pyro program use objective='evidence' or 'paper' (curvature='ggn', 'diag' or 'full')",
-        )
-        caps.require(
-            "gaussian",
-            "the linearised predictive objective",
-            "use objective='evidence' or 'paper' for classification",
-        )
+        # refuses, before training, an approximation the model cannot take
+        self.approximation = resolve_predictive(self.predictive, self._caps())
 
     def task_losses(
         self, density: TaskDensity, params: Mapping[str, Tensor], phi: Tensor, batch: TaskBatch
@@ -347,6 +366,8 @@ class LinearizedPredictiveObjective(LaplaceObjective):
             curvature=self.curvature,
             jacobian=self.jacobian,
             capabilities=self._caps(),
+            predictive=self.predictive,
+            num_samples=self.num_samples,
         )
 
 
