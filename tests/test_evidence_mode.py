@@ -315,3 +315,42 @@ def test_evidence_objective_reports_an_unfinished_mode_search() -> None:
     assert not bool(objective.last_mode.converged.all())
     with pytest.raises(ValueError, match="mode_steps"):
         LaplaceEvidenceObjective(mode_steps=-1)
+
+
+def test_a_task_that_stops_short_of_its_mode_gets_no_newton_correction() -> None:
+    """repro_12: far from the mode the quadratic model's 1/2 g^T H^-1 g can exceed the true
+    gain in log joint, and meta-training exploited it (the "-log evidence" of discrete labels
+    went negative). After a search the correction is added only where a task converged."""
+    batch = simulate(T=6, seed=7)
+    guide = TruncatedGradientGuide(logistic, batch, inner_steps=0)
+    params = {"theta": torch.tensor([6.0, -6.0, 6.0])}
+    x, y, _ = all_data(batch)
+    T = x.shape[0]
+    start = params["theta"].expand(T, 3)
+    P = prior_precision(guide.density, params, T)
+    search = newton_mode(
+        guide.density, params, start, x, y, precision=P, steps=3, tolerance=1e-3,
+        create_graph=False,
+    )  # fmt: skip
+    converged = search.converged
+    assert bool(converged.any()) and not bool(converged.all())  # a mixed batch
+    plain = search.log_evidence(newton_correction=False)
+    corrected = search.log_evidence(newton_correction=True)
+    assert_close(corrected[~converged], plain[~converged])
+    assert_close(corrected[converged], plain[converged] + search.decrement[converged])
+    # the uncorrected evidence at the last iterate lies below the one at the mode
+    mode = newton_mode(
+        guide.density, params, start, x, y, precision=P, steps=40, tolerance=1e-12,
+        create_graph=False,
+    )  # fmt: skip
+    assert bool(mode.converged.all())
+    at_mode = mode.log_evidence(newton_correction=False)
+    assert bool((plain[~converged] <= at_mode[~converged]).all())
+    # with no search (steps=0) the one-Newton-step correction applies everywhere, as before;
+    # from this far away it overshoots the evidence at the mode by tens of nats
+    first = newton_mode(
+        guide.density, params, start, x, y, precision=P, steps=0, create_graph=False
+    )
+    one_step = first.log_evidence()
+    assert_close(one_step, first.log_evidence(newton_correction=False) + first.decrement)
+    assert float((one_step - at_mode).max()) > 10.0

@@ -106,3 +106,30 @@ def test_the_gaussian_draws_square_root_of_an_indefinite_covariance_warns() -> N
     with pytest.warns(ClampWarning, match="Cholesky factorisation failed"):
         factor = covariance_factor(indefinite)
     assert_close(factor @ factor.mT, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64))
+
+
+def test_fisher_square_roots_have_finite_gradients_where_probabilities_underflow() -> None:
+    """repro_12: sqrt(p) of a softmax (and sqrt(p(1-p)) of a sigmoid) was differentiated at
+    p = 0 in float32, and inf * 0 turned the meta-gradient NaN. The factors are computed from
+    log-probabilities, whose gradients stay finite, and still square to the Fisher."""
+    import pyro.distributions as dist
+
+    from hierbayes.inference.curvature.observation import exact_fisher
+    from hierbayes.models import CategoricalLikelihood
+
+    logits = torch.tensor([[[0.0, 120.0, -5.0]]], dtype=torch.float32, requires_grad=True)
+    assert float(torch.softmax(logits.detach(), -1)[0, 0, 0]) == 0.0  # underflows in float32
+    factor = CategoricalLikelihood().output_factor(logits, {})
+    (grad,) = torch.autograd.grad(factor.square().sum(), logits)
+    assert bool(torch.isfinite(grad).all())
+    p = torch.softmax(logits.double(), -1)
+    fisher = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    assert_close((factor @ factor.mT).double(), fisher, atol=1e-6, rtol=0)
+
+    phi = torch.tensor([200.0, -3.0], dtype=torch.float32, requires_grad=True)
+    for fn in (dist.Bernoulli(logits=phi), dist.Categorical(logits=torch.stack([phi, -phi], -1))):
+        pieces = exact_fisher(fn, phi)
+        assert pieces is not None
+        total = sum(piece.square().sum() for _, piece in pieces)
+        (grad,) = torch.autograd.grad(total, phi)
+        assert bool(torch.isfinite(grad).all()), type(fn).__name__

@@ -321,6 +321,8 @@ class CategoricalLikelihood(Likelihood):
     def output_factor(self, f: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         r""":math:`L = (I - p\mathbf 1^\top)\operatorname{diag}(\sqrt p)`: then
         :math:`LL^\top = \operatorname{diag}(p) - pp^\top` because :math:`\mathbf 1^\top p = 1`."""
-        p = torch.softmax(f, dim=-1)
-        root = p.sqrt()
+        log_p = torch.log_softmax(f, dim=-1)
+        # sqrt(p) as exp(log p / 2): its gradient stays finite where p underflows to 0, which
+        # p.sqrt()'s does not (inf * 0 = NaN in the meta-gradient; repro_12)
+        p, root = log_p.exp(), (0.5 * log_p).exp()
         return torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2)

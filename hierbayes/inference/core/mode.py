@@ -149,10 +149,24 @@ class ModeSearch(NamedTuple):
                 \;[+\ \tfrac12 g^\top\hat H^{-1}g],
 
         the same value as :func:`~hierbayes.inference.core.laplace.laplace_log_evidence` at
-        ``phi``, from the search's own curvature (no second build)."""
+        ``phi``, from the search's own curvature (no second build).
+
+        After a search (``steps > 0``) the correction is added only for the tasks that
+        converged, where it is below the tolerance and the quadratic model it extrapolates is
+        accurate. A task that stopped short keeps its log joint at the last iterate, which
+        lies below the log joint at the mode: far from the mode the quadratic model's
+        :math:`\tfrac12 g^\top\hat H^{-1}g` can be far above the true gain (a Gauss--Newton
+        :math:`\hat H` of a classifier made "-log evidence" of discrete labels negative,
+        repro_12), and meta-training would exploit it. With ``steps = 0`` the correction is
+        applied everywhere: one Newton step from any point, exact for the linear-Gaussian
+        model."""
         D = self.phi.shape[-1]
         value = self.log_joint - 0.5 * self.curvature.logdet() + 0.5 * D * _LOG_2PI
-        return value + self.decrement if newton_correction else value
+        if not newton_correction:
+            return value
+        if self.steps == 0:
+            return value + self.decrement
+        return value + torch.where(self.converged, self.decrement, torch.zeros_like(value))
 
 
 def log_joint(

@@ -49,6 +49,7 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hierbayes.errors import ModelContractError
@@ -179,18 +180,20 @@ def exact_fisher(fn: Any, phi: Tensor) -> list[tuple[Tensor, Tensor]] | None:
         return pieces
     if type(fn) is dist.Bernoulli:
         if _uses_logits(fn):
-            p = torch.sigmoid(fn.logits)
-            return [scalar(fn.logits, (p * (1 - p)).sqrt())]
+            # sqrt(p (1 - p)) from log-probabilities: finite gradients where p underflows
+            logits = fn.logits
+            root = torch.exp(0.5 * (F.logsigmoid(logits) + F.logsigmoid(-logits)))
+            return [scalar(logits, root)]
         p = fn.probs
         return [scalar(p, (p * (1 - p)).clamp_min(tiny).rsqrt())]
     if type(fn) is dist.Poisson:
         return [scalar(fn.rate, fn.rate.clamp_min(tiny).rsqrt())]
     if type(fn) is dist.Categorical:
-        C = fn._num_events
+        C = fn.param_shape[-1]
         if _uses_logits(fn):
             logits = fn.logits.expand(*shape, C)
-            p = torch.softmax(logits, -1)
-            root = p.sqrt()
+            log_p = torch.log_softmax(logits, -1)
+            p, root = log_p.exp(), (0.5 * log_p).exp()  # sqrt(p) with finite gradients at p -> 0
             return [(logits, torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2))]
         probs = fn.probs.expand(*shape, C)
         return [(probs, probs.clamp_min(tiny).rsqrt())]
