@@ -236,13 +236,20 @@ def _score_fisher(
 
 
 def _exact(make: Callable[[Tensor], Any], eta: Tensor) -> Tensor:
+    r"""The exact Fisher in ``eta``: :math:`J^\top LL^\top J` with :math:`J` the Jacobian of
+    the parameter ``exact_fisher`` works in (the logits of a Bernoulli or Categorical built
+    from probabilities) with respect to ``eta``."""
     phi = torch.zeros(1, requires_grad=True)
-    fn = make(eta + 0.0 * phi.sum())  # every parameter depends on phi
+    given = (eta + 0.0 * phi.sum()).detach().requires_grad_(True)
+    fn = make(given)
     (piece,) = exact_fisher(fn, phi) or [None]  # type: ignore[list-item]
     assert piece is not None
-    _, factor = piece
+    param, factor = piece
     L = torch.diag_embed(factor) if factor.dim() == 1 else factor
-    return (L @ L.T).detach()
+    flat = param.reshape(-1)
+    rows = [torch.autograd.grad(flat[i], given, retain_graph=True)[0] for i in range(flat.numel())]
+    J = torch.stack(rows).reshape(flat.numel(), -1)
+    return (J.T @ L @ L.T @ J).detach()
 
 
 @pytest.mark.parametrize(
@@ -353,3 +360,40 @@ def test_logdet_gradient_into_theta_by_finite_differences(curvature: str) -> Non
 def test_kfac_stays_network_only() -> None:
     with pytest.raises(ModelContractError):
         build_curvature("kfac", program_inputs("normal"))
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "normal"])
+def test_a_distribution_mask_in_the_program_drops_its_points(family: str) -> None:
+    """``fn.mask(keep)`` inside the program weighs the masked points out of the GGN exactly as
+    a padding mask of the same points does (the mask is read through ``log_prob``)."""
+    padded = program_inputs(family, mask=None)
+    keep = padded.x[..., 0] > -0.3  # (T, N), some of each task's points dropped
+    assert not bool(keep.all()) and bool(keep.any(1).all())
+
+    def masked(x: Tensor, y: Tensor | None = None) -> None:
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(3), 5.0).to_event(1))
+        with pyro.plate("tasks", x.shape[0], dim=-2):
+            phi = pyro.sample("phi", dist.Normal(theta, 1.0).to_event(1))
+            f = (x * phi[..., :2]).sum(-1) + phi[..., 2]
+            with pyro.plate("data", x.shape[1], dim=-1):
+                fn: Any = dist.Bernoulli(logits=f) if family == "bernoulli" else dist.Normal(f, 0.7)
+                pyro.sample("y", fn.mask(x[..., 0] > -0.3), obs=y)
+
+    structure = model_structure(masked, padded.x, padded.y)
+    inputs = CurvatureInputs(
+        PyroTaskDensity(masked, structure),
+        padded.params,
+        padded.phi,
+        padded.x,
+        padded.y,
+        None,
+        padded.prior_precision,
+        False,
+    )
+    reference = program_inputs(family, mask=keep)
+    for curvature in ("ggn", "diag"):
+        assert_close(
+            build_curvature(curvature, inputs).to_dense(),
+            build_curvature(curvature, reference).to_dense(),
+            **EXACT,
+        )

@@ -122,13 +122,22 @@ def _point_weights(site: Any, fn: Any, inputs: CurvatureInputs, tasks_axis: int)
     return w
 
 
-def _unwrap(fn: Any, weights: Tensor) -> tuple[Any, Tensor]:
+def _mask_of(masked: Any, value: Tensor) -> Tensor:
+    """The mask of a ``MaskedDistribution`` (``fn.mask(m)``), read through its public
+    ``log_prob``: masked-out elements score exactly 0. An element whose unmasked log density is
+    itself 0 (probability one: no Fisher information) reads as kept."""
+    kept = masked.log_prob(value) != 0
+    return kept | (masked.base_dist.log_prob(value) == 0)
+
+
+def _unwrap(fn: Any, weights: Tensor, value: Tensor) -> tuple[Any, Tensor]:
     """Strip ``Independent``/``Masked``/``Expanded`` wrappers; the weights ``fn.batch_shape``
     (times any wrapper's mask) to the base distribution's batch shape."""
     base, masks = fn, []
     while isinstance(base, (dist.MaskedDistribution, dist.Independent, dist.ExpandedDistribution)):
         if isinstance(base, dist.MaskedDistribution):
-            masks.append((base._mask, base.batch_shape))
+            with torch.no_grad():
+                masks.append((_mask_of(base, value.detach()), base.batch_shape))
         base = base.base_dist
     full = tuple(base.batch_shape)
 
@@ -149,10 +158,6 @@ def _depends_on(value: Tensor, phi: Tensor) -> bool:
         return False
     (grad,) = torch.autograd.grad(value.sum(), phi, retain_graph=True, allow_unused=True)
     return grad is not None
-
-
-def _uses_logits(fn: Any) -> bool:
-    return "logits" in fn.__dict__ and fn._param is fn.__dict__["logits"]
 
 
 def exact_fisher(fn: Any, phi: Tensor) -> list[tuple[Tensor, Tensor]] | None:
@@ -178,25 +183,21 @@ def exact_fisher(fn: Any, phi: Tensor) -> list[tuple[Tensor, Tensor]] | None:
         if _depends_on(scale, phi):
             pieces.append(scalar(scale, (2 * df / (df + 3)).sqrt() / scale))
         return pieces
+    # Bernoulli and Categorical in their logits, however they were built: the Fisher transforms
+    # with the chain rule, so J_logits^T F_logits J_logits is the same matrix as in probs
     if type(fn) is dist.Bernoulli:
-        if _uses_logits(fn):
-            # sqrt(p (1 - p)) from log-probabilities: finite gradients where p underflows
-            logits = fn.logits
-            root = torch.exp(0.5 * (F.logsigmoid(logits) + F.logsigmoid(-logits)))
-            return [scalar(logits, root)]
-        p = fn.probs
-        return [scalar(p, (p * (1 - p)).clamp_min(tiny).rsqrt())]
+        # sqrt(p (1 - p)) from log-probabilities: finite gradients where p underflows
+        logits = fn.logits
+        root = torch.exp(0.5 * (F.logsigmoid(logits) + F.logsigmoid(-logits)))
+        return [scalar(logits, root)]
     if type(fn) is dist.Poisson:
         return [scalar(fn.rate, fn.rate.clamp_min(tiny).rsqrt())]
     if type(fn) is dist.Categorical:
-        C = fn.param_shape[-1]
-        if _uses_logits(fn):
-            logits = fn.logits.expand(*shape, C)
-            log_p = torch.log_softmax(logits, -1)
-            p, root = log_p.exp(), (0.5 * log_p).exp()  # sqrt(p) with finite gradients at p -> 0
-            return [(logits, torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2))]
-        probs = fn.probs.expand(*shape, C)
-        return [(probs, probs.clamp_min(tiny).rsqrt())]
+        logits = fn.logits
+        logits = logits.expand(*shape, logits.shape[-1])
+        log_p = torch.log_softmax(logits, -1)
+        p, root = log_p.exp(), (0.5 * log_p).exp()  # sqrt(p) with finite gradients at p -> 0
+        return [(logits, torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2))]
     return None
 
 
@@ -234,15 +235,14 @@ def _draws(fn: Any, num_draws: int, generator: torch.Generator, device: torch.de
 
 
 def _parameters(fn: Any) -> dict[str, Tensor]:
-    """``fn``'s parameter tensors as constructed (of ``probs``/``logits`` the one it was given),
-    each expanded to ``fn.batch_shape`` plus its own event part."""
+    """``fn``'s parameter tensors, each expanded to ``fn.batch_shape`` plus its own event part;
+    of ``probs``/``logits`` the logits (the same distribution; the Fisher follows the chain rule)."""
     found: dict[str, Tensor] = {}
-    primary = getattr(fn, "_param", None)
     for name, constraint in fn.arg_constraints.items():
-        value = fn.__dict__.get(name)
-        if not isinstance(value, Tensor):
+        if name == "probs" and "logits" in fn.arg_constraints:
             continue
-        if name in ("probs", "logits") and primary is not None and value is not primary:
+        value = getattr(fn, name, None)
+        if not isinstance(value, Tensor):
             continue
         event = value.shape[value.dim() - constraint.event_dim :] if constraint.event_dim else ()
         found[name] = value.expand(*fn.batch_shape, *event)
@@ -337,7 +337,7 @@ def observation_jacobian(
             fn = site["fn"]
             axis = len(fn.batch_shape) + structure.tasks_dim
             weights = _point_weights(site, fn, inputs, axis)
-            base, base_weights = _unwrap(fn, weights)
+            base, base_weights = _unwrap(fn, weights, site["value"])
             pieces = exact_fisher(base, phi) if base.event_shape == () else None
             if pieces is not None:
                 rows.extend(_exact_rows(pieces, base_weights, axis, T))
