@@ -147,16 +147,10 @@ class TaskModel(PyroModule):
 
     def sample_globals(self) -> dict[str, Tensor]:
         """Sample (or read) every global latent, returning ``{name: value}``."""
-        ref: Tensor = self.theta_init
-        values: dict[str, Tensor] = {}
-        if self.hyperprior_scale is not None:
-            values["theta"] = pyro.sample(
-                "theta", dist.Normal(ref, self.hyperprior_scale).to_event(1)
-            )
-        for name, prior in self.global_priors().items():
-            if name != "theta":
-                values[name] = pyro.sample(name, cast(Any, prior))
-        return values
+        return {
+            name: pyro.sample(name, cast(Any, prior))
+            for name, prior in self.global_priors().items()
+        }
 
     def global_priors(self) -> dict[str, dist.Distribution]:
         """Hyperpriors of the global latents, by site name."""
