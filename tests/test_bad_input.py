@@ -263,7 +263,9 @@ def test_an_empty_set_in_a_collection_names_the_task() -> None:
 def test_a_batch_without_a_query_set_cannot_meta_train() -> None:
     batch = regression_batch()
     with pytest.raises(
-        TaskDataError, match=r"meta-training needs a query set.*query_x and query_y"
+        TaskDataError,
+        match=r"meta-training needs a query set for method='maml'.*objective='evidence'.*"
+        r"split each task's points into support and query sets",
     ):
         short_fit(NeuralRegression(tiny_mlp(3)), TaskBatch(batch.support_x, batch.support_y))
 

@@ -67,8 +67,8 @@ __all__ = [
     "penalty_losses",
     "predictive_losses",
     "probit_log_prob",
-    "resolve_predictive",
     "query_nll",
+    "resolve_predictive",
 ]
 
 CurvatureData = Literal["support", "query", "both"]

@@ -39,7 +39,12 @@ from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
 from hierbayes.errors import TaskDataError
-from hierbayes.inference.core.losses import hyperprior_term, query_nll
+from hierbayes.inference.core.losses import (
+    HyperpriorSpace,
+    global_log_jacobian,
+    hyperprior_term,
+    query_nll,
+)
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.models.density import TaskDensity
 from hierbayes.models.structure import ModelStructure, per_task_log_prob, trace_nodes
@@ -115,6 +120,11 @@ class MetaObjective:
     """
 
     name = "meta-objective"
+    #: Where the global latents' hyperprior is scored (see
+    #: :func:`~hierbayes.inference.core.losses.hyperprior_term`): ``"constrained"`` as Pyro's
+    #: ``AutoDelta`` (the default), or ``"unconstrained"`` with the log-Jacobian of each
+    #: constraint's transform; ``fit(..., hyperprior_space=...)`` sets it.
+    hyperprior_space: HyperpriorSpace = "constrained"
 
     def __init__(self, num_tasks: int | None = None) -> None:
         if num_tasks is not None and num_tasks < 1:
@@ -158,7 +168,9 @@ class MetaObjective:
         params = guide.global_values()
         phi = guide.adapt(params, batch.support_x, batch.support_y, batch.support_mask)
         losses = self.task_losses(density, params, phi, batch)
-        return losses.mean() + hyperprior_term(density, params, batch.support_x, self.num_tasks)
+        return losses.mean() + hyperprior_term(
+            density, params, batch.support_x, self.num_tasks, self.hyperprior_space
+        )
 
     def _traces(
         self, model: Callable[..., Any], guide: TruncatedGradientGuide, batch: TaskBatch
@@ -194,6 +206,8 @@ class MetaObjective:
         loss = (losses * task_scale(model_trace, structure)).mean()
         if self.num_tasks is not None:
             loss = loss - _global_log_prob(model_trace, structure) / self.num_tasks
+            if self.hyperprior_space == "unconstrained":
+                loss = loss - global_log_jacobian(guide.density, params) / self.num_tasks
         return loss
 
     def __call__(self, model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any) -> Tensor:
@@ -242,4 +256,10 @@ class MAMLObjective(MetaObjective):
         loss = -log_lik.mean()
         if self.num_tasks is not None:
             loss = loss - _global_log_prob(model_trace, structure) / self.num_tasks
+            if self.hyperprior_space == "unconstrained":
+                params = {
+                    s.name: trace_nodes(model_trace)[s.name]["value"]
+                    for s in structure.global_sites
+                }
+                loss = loss - global_log_jacobian(guide.density, params) / self.num_tasks
         return loss

@@ -26,6 +26,8 @@ __all__ = [
     "as_task_source",
     "check_arguments",
     "check_dtype",
+    "check_empirical_bayes",
+    "check_query_less",
     "check_targets",
     "reset_param_sites",
     "trainable_parameters",
@@ -213,14 +215,14 @@ def check_targets(guide: TruncatedGradientGuide, batch: TaskBatch) -> None:
     """Score the batch's support and query sets once, so that targets of the wrong shape, kind
     or range are reported by field and task before training."""
     params = {k: v.detach() for k, v in guide.global_values().items()}
-    xq, yq, mq = batch.require_query("meta-training")
+    sets = [("support_y", batch.support_x, batch.support_y, batch.support_mask)]
+    if batch.has_query:  # query-less tasks (groups as tasks) were allowed by check_query_less
+        xq, yq, mq = batch.require_query("meta-training")
+        sets.append(("query_y", xq, yq, mq))
     if isinstance(guide.density, NetworkDensity):  # batch norm cannot take unequal task sizes
         guide.density.check_mask(batch.support_mask)
         guide.density.check_mask(batch.query_mask)
-    for name, x, y, mask in (
-        ("support_y", batch.support_x, batch.support_y, batch.support_mask),
-        ("query_y", xq, yq, mq),
-    ):
+    for name, x, y, mask in sets:
         try:
             with torch.no_grad():
                 phi = guide.density.prior_mean(params, x)
@@ -258,3 +260,74 @@ def trainable_parameters(model: Any, guide: TruncatedGradientGuide) -> list[Tens
             p = cast(Any, store.get_param(name)).unconstrained()
             seen[id(p)] = p
     return [p for p in seen.values() if p.requires_grad]
+
+
+def check_query_less(
+    method: str, objective: Any, method_options: Mapping[str, Any], batch: TaskBatch
+) -> None:
+    """Tasks without a query set (groups as tasks, all data in the support set) can be fitted
+    only by an objective that scores all of each task's data once: the Laplace evidence.
+    MAML and the query-based LLAMA objectives are refused, naming the fix."""
+    if batch.has_query:
+        return
+    from hierbayes.inference.svi.llama import LaplaceEvidenceObjective
+
+    evidence = (
+        isinstance(objective, LaplaceEvidenceObjective)
+        if objective is not None
+        else method == "llama" and method_options.get("objective") == "evidence"
+    )
+    if not evidence:
+        chosen = (
+            type(objective).__name__
+            if objective is not None
+            else f"method={method!r}"
+            + (
+                f", objective={method_options['objective']!r}"
+                if "objective" in method_options
+                else ""
+            )
+        )
+        raise TaskDataError(
+            f"meta-training needs a query set for {chosen}, which scores held-out query data "
+            "after adapting to the support set, but these tasks have none (all of each task's "
+            "data is its support set). To fit on all of each group's data (empirical Bayes), use "
+            "fit(..., method='llama', objective='evidence'), which scores each task's data once "
+            "by its marginal likelihood; for MAML or a query-based objective, split each task's "
+            "points into support and query sets"
+        )
+    data = method_options.get("curvature_data", getattr(objective, "curvature_data", None))
+    if data == "query":
+        raise TaskDataError(
+            "curvature_data='query' needs a query set, and these tasks have none: leave "
+            "curvature_data at its default (all of each task's data)"
+        )
+
+
+def check_empirical_bayes(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``fit``'s full-batch and convergence options, checked; defaults filled in."""
+    values = {
+        "full_batch": None,
+        "grad_tolerance": 1e-6,
+        "loss_tolerance": 1e-12,
+        "hyperprior_space": "constrained",
+        **options,
+    }
+    if values["full_batch"] not in (None, True, False):
+        raise ValueError(f"full_batch must be None, True or False; got {values['full_batch']!r}")
+    for name in ("grad_tolerance", "loss_tolerance"):
+        value = values[name]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    if values["hyperprior_space"] not in ("constrained", "unconstrained"):
+        raise ValueError(
+            "hyperprior_space must be 'constrained' (the density of each global's value, as "
+            "Pyro's AutoDelta) or 'unconstrained' (with the log-Jacobian of its transform); got "
+            f"{values['hyperprior_space']!r}"
+        )
+    return values

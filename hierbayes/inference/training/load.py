@@ -11,6 +11,7 @@ from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.training.methods import get_method
 from hierbayes.inference.training.persistence import (
     _RUN_ONLY,
+    FIT_SETTINGS,
     dtype_from_name,
     load_states,
     read_run,
@@ -73,10 +74,20 @@ def load(
         k: v
         for k, v in config.items()
         if k
-        not in (*_GUIDE_OPTIONS, *_RUN_ONLY, "method", "meta_batch_size", "lr", "seed", "dtype")
+        not in (
+            *_GUIDE_OPTIONS,
+            *_RUN_ONLY,
+            *FIT_SETTINGS,
+            "method",
+            "meta_batch_size",
+            "lr",
+            "seed",
+            "dtype",
+        )
     }
     objective = method.objective(num_tasks=config.get("num_tasks"), **method_options)
     objective.bind(guide.density)
+    objective.hyperprior_space = config.get("hyperprior_space", "constrained")
     config = {**config, "dtype": dtype, "device": str(target)}
     result = FitResult(model, guide, objective, method.name, [], config, example=example)
     load_states(result, saved)

@@ -21,6 +21,7 @@ from hierbayes.inference.posteriors.predictive import Prediction
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.svi.llama import LaplaceEvidenceObjective, LaplaceObjective
 from hierbayes.inference.svi.objectives import MetaObjective
+from hierbayes.inference.training.empirical_bayes import Convergence
 from hierbayes.inference.training.methods import get_method
 from hierbayes.inference.training.persistence import run_state, write_atomic
 from hierbayes.models.structure import check_inputs
@@ -101,6 +102,10 @@ class FitResult:
     training: TrainingState | None = field(default=None, repr=False)
     #: The optimiser's, schedule's and generators' saved state, for a loaded result.
     saved_training: dict[str, Any] | None = field(default=None, repr=False)
+    #: How the run ended: converged or not, why, the gradient norm and the last relative
+    #: change of the loss (:class:`~hierbayes.inference.training.empirical_bayes.Convergence`;
+    #: ``None`` for a loaded result).
+    convergence: Convergence | None = field(default=None, repr=False)
 
     # -- persistence ---------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Data sets shipped with hierbayes (posteriordb radon and eight schools, Omniglot)."""
