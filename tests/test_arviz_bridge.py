@@ -151,15 +151,22 @@ def test_parameter_names_fall_back_to_indices() -> None:
     assert parameter_names(object(), 3) == ["phi[0]", "phi[1]", "phi[2]"]
 
 
-def test_query_mask_is_refused() -> None:
+def test_query_sets_of_unequal_sizes_are_flattened_to_their_real_points() -> None:
     tasks, density, params, mean, cov = linear_setup()
     mask = torch.ones(3, 4, dtype=torch.bool)
     mask[0, -1] = False
     masked = TaskBatch(
         tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, query_mask=mask
     )
-    with pytest.raises(ValueError, match="equal size"):
-        to_inference_data(GaussianPosterior(density, params, mean, cov), masked)
+    posterior = GaussianPosterior(density, params, mean, cov)
+    flat = to_inference_data(posterior, masked, num_draws=20)
+    full = to_inference_data(posterior, tasks, num_draws=20)
+    ll = flat["heldout_log_likelihood"]["y"]
+    assert ll.dims == ("chain", "draw", "observation") and ll.shape[-1] == 11
+    # the same draws (common random numbers): the real points of the (task, point) layout
+    expected = full["heldout_log_likelihood"]["y"].values[..., mask.numpy()]
+    np.testing.assert_allclose(ll.values, expected, rtol=1e-12)
+    assert list(flat["heldout_log_likelihood"]["observation_task"].values[:3]) == [0, 0, 0]
 
 
 def test_heldout_elpd_and_compare() -> None:

@@ -65,8 +65,9 @@ from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["ComparisonResult", "ReferenceNotConvergedWarning", "compare_approximations"]
 
-#: The default reference, then the fallback when it is absent.
-_REFERENCE_ORDER = ("nuts_numpyro", "nuts_pyro")
+#: The default reference, then the fallbacks when it is absent (full Bayes, then the fixed-
+#: globals NUTS of either engine).
+_REFERENCE_ORDER = ("nuts_numpyro", "full_bayes", "nuts_pyro")
 _DEFAULT = "nuts_numpyro"
 
 
@@ -136,6 +137,15 @@ def _check_reference(name: str, posterior: TaskPosterior) -> tuple[list[int], fl
     if not isinstance(posterior, SamplePosterior):
         return [], RHAT_THRESHOLD
     flagged, threshold = posterior.flagged, posterior.rhat_threshold
+    globals_flagged = getattr(posterior, "globals_flagged", [])
+    if globals_flagged:
+        warnings.warn(
+            f"the reference {name!r} has R-hat above {threshold} on the global site(s) "
+            f"{globals_flagged}; its distances are reported but not trustworthy. Run longer "
+            "chains.",
+            ReferenceNotConvergedWarning,
+            stacklevel=3,
+        )
     if flagged:
         warnings.warn(
             f"the reference {name!r} has R-hat above {threshold} on task(s) {flagged} (max R-hat "
@@ -175,6 +185,27 @@ def _predictive_columns(
     return row, per_task
 
 
+def _in_sample_columns(
+    elpd: Mapping[str, float], levels: tuple[float, float]
+) -> tuple[dict[str, Any], dict[str, list[float | None]]]:
+    """Tasks without a query set: no held-out lpd, mse or coverage; the ELPD columns are
+    PSIS-LOO's, with ``p_loo`` and the largest Pareto k."""
+    row: dict[str, Any] = {"lpd": None, "lpd_ci95": None}
+    row.update(
+        elpd=elpd["elpd"],
+        elpd_se=elpd["se"],
+        elpd_diff=elpd["elpd_diff"],
+        elpd_dse=elpd["dse"],
+        elpd_rank=elpd["rank"],
+        stacking_weight=elpd["weight"],
+        p_loo=elpd["p_loo"],
+        pareto_k_max=elpd["pareto_k_max"],
+    )
+    for level in levels:
+        row[f"coverage_{round(100 * level)}"] = None
+    return row, {}
+
+
 def _sampler_columns(
     posterior: SamplePosterior,
 ) -> tuple[dict[str, Any], dict[str, list[float | None]]]:
@@ -184,9 +215,15 @@ def _sampler_columns(
         "rhat_max": max((v for v in summary["rhat_max"] if math.isfinite(v)), default=math.nan),
         "ess_bulk_min": min(summary["ess_bulk_min"]),
         "flagged": summary["flagged"],
-        "divergences": sum(summary.get("divergences", [])),
+        "divergences": summary.get("divergences_total", sum(summary.get("divergences", []))),
         "engine": posterior.engine,
     }
+    if "globals" in summary:  # full Bayes: the globals' diagnostics too
+        rhats = [v for g in summary["globals"].values() for v in _flat(g.get("rhat", []))]
+        esss = [v for g in summary["globals"].values() for v in _flat(g.get("ess_bulk", []))]
+        row["globals_rhat_max"] = max(rhats, default=math.nan)
+        row["globals_ess_bulk_min"] = min(esss, default=math.nan)
+        row["globals_flagged"] = summary.get("globals_flagged", [])
     return row, {"rhat_max": summary["rhat_max"], "ess_bulk_min": summary["ess_bulk_min"]}
 
 
@@ -211,11 +248,15 @@ def compare_approximations(
         tasks of ``tasks`` (adapted to their support sets with the same :math:`\hat\theta`). An
         MCMC posterior without convergence diagnostics gets them computed here.
     tasks:
-        The held-out tasks with query sets of equal size ``(T, M, ...)``.
+        The held-out tasks with query sets ``(T, M, ...)`` (unequal sizes padded and masked).
+        Tasks without a query set (groups as tasks, all data in the support set) are scored in
+        sample: the ELPD columns are PSIS-LOO's (``az.loo``, with ``p_loo`` and
+        ``pareto_k_max``), and ``lpd``, ``mse`` and the coverages are ``None``.
     reference:
         The name of the reference approximation. The default, ``"nuts_numpyro"``, falls back
-        to ``"nuts_pyro"`` and then to no reference when absent; an explicit name must be
-        present; ``None`` computes no distances.
+        to ``"full_bayes"`` (:func:`~hierbayes.inference.reference.full_bayes.nuts_full_bayes`,
+        the gold standard for groups), then to ``"nuts_pyro"`` and then to no reference when
+        absent; an explicit name must be present; ``None`` computes no distances.
     num_draws, num_chains:
         Draws per chain for the ArviZ data and the ELPD (MCMC posteriors keep their own
         chains, thinned to ``num_draws``; others get ``num_chains`` chains of independent
@@ -238,7 +279,8 @@ def compare_approximations(
     ``stacking_weight``, ``coverage_50`` and ``coverage_90`` (named after ``levels``),
     ``mean_error_sd``, ``mean_error_sd_max``, ``w2``, ``w2_max``, ``wall_time``, ``num_draws``,
     ``is_reference`` and, for MCMC posteriors, ``rhat_max``, ``ess_bulk_min``, ``flagged``,
-    ``divergences``, ``engine``.
+    ``divergences``, ``engine`` (and for a full-Bayes reference ``globals_rhat_max``,
+    ``globals_ess_bulk_min``, ``globals_flagged``).
 
     Warns
     -----
@@ -247,6 +289,7 @@ def compare_approximations(
     """
     from hierbayes.inference.evaluation.arviz_bridge import (
         compare_elpd,
+        compare_loo,
         convergence_diagnostics,
         heldout_pointwise,
         posterior_variable,
@@ -285,9 +328,13 @@ def compare_approximations(
         draws[name] = torch.tensor(
             np.array(idatas[name].posterior[posterior_variable(idatas[name])].values)
         )
-    pointwise = {name: heldout_pointwise(idatas[name]) for name in names}
     sizes = {name: int(d.shape[0] * d.shape[1]) for name, d in draws.items()}
-    elpd = compare_elpd(pointwise, num_samples=sizes)
+    in_sample = not tasks.has_query
+    if in_sample:
+        elpd = compare_loo(idatas)
+    else:
+        pointwise = {name: heldout_pointwise(idatas[name]) for name in names}
+        elpd = compare_elpd(pointwise, num_samples=sizes)
 
     ref_fit: _ReferenceFit | None = None
     flagged: list[int] = []
@@ -300,8 +347,11 @@ def compare_approximations(
     per_task: dict[str, dict[str, list[float | None]]] = {}
     for name in names:
         posterior = posteriors[name]
-        metrics = evaluate_posterior(posterior, tasks, levels=levels, **options.get(name, {}))
-        row, tasks_row = _predictive_columns(metrics, elpd[name], levels)
+        if in_sample:
+            row, tasks_row = _in_sample_columns(elpd[name], levels)
+        else:
+            metrics = evaluate_posterior(posterior, tasks, levels=levels, **options.get(name, {}))
+            row, tasks_row = _predictive_columns(metrics, elpd[name], levels)
         if ref_fit is not None:
             distance_row, distance_tasks = ref_fit.distances(posterior, draws[name])
             row.update(distance_row)
@@ -330,10 +380,20 @@ def compare_approximations(
             seed=seed,
             num_tasks=tasks.num_tasks,
             rhat_threshold=threshold,
-            elpd="held-out: sum over query points of log mean_s p(y | phi_s); az.compare "
+            elpd="in sample (no query set): PSIS-LOO of the support points, az.loo; az.compare "
+            "ranks, dse and stacking weights"
+            if in_sample
+            else "held-out: sum over query points of log mean_s p(y | phi_s); az.compare "
             "ranks, dse and stacking weights",
         ),
     )
+
+
+def _flat(value: Any) -> list[float]:
+    """A float or a nested list of floats, as a flat list."""
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _flat(item)]
+    return [float(value)]
 
 
 def _ci95(values: Tensor) -> float:

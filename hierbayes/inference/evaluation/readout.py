@@ -4,6 +4,8 @@ Each reading is decided by what the posterior declares, in this order:
 
 * :class:`~hierbayes.inference.posteriors.samples.SamplePosterior`: its own chains and their
   sample moments;
+* :class:`~hierbayes.inference.posteriors.joint.JointDrawsPosterior` (integrated over the
+  globals, e.g. the hyper-Laplace mixture): its own joint draws;
 * :class:`~hierbayes.inference.posteriors.base.PointMassPosterior`: its value, no spread;
 * :class:`~hierbayes.inference.posteriors.gaussian.GaussianTaskPosterior`: its own draws
   :math:`\mu_j + L_j z` and its stated covariance;
@@ -32,6 +34,7 @@ from hierbayes.inference.posteriors.gaussian import (
     covariance_factor,
     standard_normal,
 )
+from hierbayes.inference.posteriors.joint import JointDrawsPosterior
 from hierbayes.inference.posteriors.samples import SamplePosterior, thinning_index
 
 __all__ = ["TimedPosterior", "gaussian_fit", "posterior_draws", "sample_moments", "wall_time_of"]
@@ -64,6 +67,8 @@ def posterior_draws(
     if isinstance(posterior, SamplePosterior):
         index = thinning_index(posterior.num_draws, num_draws, posterior.draws.device)
         return posterior.draws[:, index]
+    if isinstance(posterior, JointDrawsPosterior):
+        return posterior.joint_draws(num_chains, num_draws, seed=seed)[1]
     mean = posterior.mean
     T, D = mean.shape
     n = num_chains * num_draws

@@ -7,6 +7,17 @@ ArviZ through it, and only when a function of it is called.
 mass, a Laplace or mean-field Gaussian, NUTS draws) and a batch of held-out tasks into an
 ``InferenceData`` with the groups
 
+**Groups as tasks.** Tasks without a query set (counties as tasks, all their data in the
+support set) are scored *in sample* on their support sets: the pointwise log likelihood goes
+to ArviZ's own ``log_likelihood`` group, where ``az.loo`` is legitimate (the posterior saw those
+points; PSIS-LOO estimates out-of-sample fit from them), and :func:`compare_loo` ranks
+approximations by it. Sets of unequal sizes (a mask with ``False`` entries: radon counties hold
+1 to 116 houses) are laid out along one flattened ``observation`` dimension of the real points,
+with the coordinates ``observation_task`` and ``observation_point``; sets of equal size keep
+``(task, point)``. A posterior that integrates over the globals (full-Bayes NUTS, the
+hyper-Laplace mixture) adds its global sites' draws to ``posterior`` under their site names
+(dims ``<site>_dim_i``) and scores each draw with its own globals.
+
 Variables are named after the model's own sites: the per-task site (``phi`` for a ``TaskModel``,
 ``w`` for a program that samples ``pyro.sample("w", ...)``) and the observed site (``y``):
 
@@ -60,7 +71,11 @@ References
 """
 
 from hierbayes.inference.evaluation.arviz_bridge.diagnostics import convergence_diagnostics
-from hierbayes.inference.evaluation.arviz_bridge.elpd import compare_elpd, heldout_pointwise
+from hierbayes.inference.evaluation.arviz_bridge.elpd import (
+    compare_elpd,
+    compare_loo,
+    heldout_pointwise,
+)
 from hierbayes.inference.evaluation.arviz_bridge.figures import (
     default_parameters,
     plot_forest,
@@ -76,6 +91,7 @@ from hierbayes.inference.evaluation.arviz_bridge.inference_data import (
 
 __all__ = [
     "compare_elpd",
+    "compare_loo",
     "convergence_diagnostics",
     "default_parameters",
     "heldout_pointwise",

@@ -31,7 +31,7 @@ import xarray as xr
 
 from hierbayes.inference.evaluation.arviz_bridge.inference_data import observed_variable
 
-__all__ = ["compare_elpd", "heldout_pointwise"]
+__all__ = ["compare_elpd", "compare_loo", "heldout_pointwise"]
 
 
 def heldout_pointwise(idata: az.InferenceData) -> np.ndarray:
@@ -139,3 +139,52 @@ def compare_elpd(
         }
         for name in names
     }
+
+
+def compare_loo(
+    idatas: Mapping[str, az.InferenceData],
+    *,
+    method: Literal["stacking", "BB-pseudo-BMA", "pseudo-BMA"] = "stacking",
+) -> dict[str, dict[str, float]]:
+    r"""``az.compare`` by PSIS-LOO of in-sample pointwise log likelihoods (tasks without a
+    query set: the posterior saw every scored point, so leave-one-out is the estimate of
+    out-of-sample fit; Vehtari, Gelman & Gabry 2017).
+
+    Returns per approximation ``{"rank", "elpd", "se", "elpd_diff", "dse", "weight", "p_loo",
+    "pareto_k_max"}``. A point mass (constant draws) gives ``p_loo`` 0; Pareto :math:`\hat k`
+    above 0.7 (``pareto_k_max``) marks an unreliable estimate, reported rather than warned.
+    """
+    names = list(idatas)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=".*inplace.*", category=DeprecationWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loos = {name: az.loo(idatas[name], pointwise=True) for name in names}
+        table = az.compare(loos, method=method) if len(names) > 1 else None
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        loo = loos[name]
+        row = {
+            "p_loo": float(loo["p_loo"]),
+            "pareto_k_max": float(np.nanmax(np.asarray(loo["pareto_k"]))),
+        }
+        if table is None:
+            row.update(
+                rank=0,
+                elpd=float(loo["elpd_loo"]),
+                se=float(loo["se"]),
+                elpd_diff=0.0,
+                dse=0.0,
+                weight=1.0,
+            )
+        else:
+            row.update(
+                rank=int(table.loc[name, "rank"]),
+                elpd=float(table.loc[name, "elpd_loo"]),
+                se=float(table.loc[name, "se"]),
+                elpd_diff=float(table.loc[name, "elpd_diff"]),
+                dse=float(table.loc[name, "dse"]),
+                weight=float(table.loc[name, "weight"]),
+            )
+        out[name] = row
+    return out
