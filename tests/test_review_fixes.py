@@ -3,6 +3,8 @@ with masks, target shapes, dtypes, pyro.param models, divergence, and bad inputs
 
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import numpy as np
@@ -77,15 +79,19 @@ def test_llama_on_a_plain_program_trains_and_predicts_by_sampling() -> None:
     assert bool(torch.isfinite(metrics.nll).all())
     with pytest.raises(ModelContractError, match="method='sampled'"):
         result.adapt(batch).predict(batch.query_x, method="linearized")
-    with pytest.raises(ModelContractError, match="needs a hierbayes network model"):
-        fit(
-            plain_model,
-            source,
-            method="llama",
-            objective="predictive",
-            meta_steps=1,
-            progress=False,
-        )
+    # the predictive objective takes a plain program too: draws of phi through its own site
+    predictive = fit(
+        plain_model,
+        source,
+        method="llama",
+        objective="predictive",
+        meta_steps=2,
+        meta_batch_size=4,
+        step_size=0.01,
+        progress=False,
+    )
+    assert predictive.objective.approximation == "sampled"  # type: ignore[attr-defined]
+    assert all(math.isfinite(v) for v in predictive.history)
 
 
 def test_batch_norm_refuses_masked_tasks() -> None:

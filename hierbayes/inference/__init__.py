@@ -11,6 +11,11 @@ from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posteri
 from hierbayes.inference.evaluation.wasserstein import wasserstein2_gaussian
 from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
 from hierbayes.inference.posteriors.gaussian import GaussianPosterior
+from hierbayes.inference.posteriors.hyper_laplace import (
+    HyperLaplace,
+    HyperLaplacePosterior,
+    hyper_laplace,
+)
 from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
 from hierbayes.inference.posteriors.predictive import (
     CategoricalPrediction,
@@ -19,6 +24,7 @@ from hierbayes.inference.posteriors.predictive import (
     Prediction,
 )
 from hierbayes.inference.posteriors.samples import SamplePosterior
+from hierbayes.inference.reference.full_bayes import FullBayesPosterior, nuts_full_bayes
 from hierbayes.inference.reference.meanfield import MeanFieldPosterior, meanfield_vi
 from hierbayes.inference.reference.nuts import nuts_numpyro, nuts_pyro
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
@@ -29,6 +35,8 @@ from hierbayes.inference.svi.llama import (
     llama_objective,
 )
 from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
+from hierbayes.inference.training.distributed import DistributedTrainingError
+from hierbayes.inference.training.empirical_bayes import Convergence, UnconvergedWarning
 from hierbayes.inference.training.fit import fit
 from hierbayes.inference.training.load import load
 from hierbayes.inference.training.methods import Method, methods, register_method
@@ -43,9 +51,14 @@ __all__ = [
     "CategoricalPrediction",
     "CheckpointError",
     "ComparisonResult",
+    "Convergence",
+    "DistributedTrainingError",
     "FitResult",
+    "FullBayesPosterior",
     "GaussianPosterior",
     "GaussianPrediction",
+    "HyperLaplace",
+    "HyperLaplacePosterior",
     "LaplaceEvidenceObjective",
     "LaplacePenaltyObjective",
     "LaplacePosterior",
@@ -64,10 +77,12 @@ __all__ = [
     "TaskMetrics",
     "TaskPosterior",
     "TruncatedGradientGuide",
+    "UnconvergedWarning",
     "compare_approximations",
     "evaluate_posterior",
     "fit",
     "gradient_steps",
+    "hyper_laplace",
     "laplace_log_evidence",
     "laplace_posterior",
     "linearized_predictive",
@@ -76,6 +91,7 @@ __all__ = [
     "mean_ci95",
     "meanfield_vi",
     "methods",
+    "nuts_full_bayes",
     "nuts_numpyro",
     "nuts_pyro",
     "register_method",

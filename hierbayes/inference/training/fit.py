@@ -23,16 +23,29 @@ from torch import Tensor
 
 from hierbayes.errors import ModelContractError
 from hierbayes.inference.core.inner_loop import InnerLoss
+from hierbayes.inference.core.losses import HyperpriorSpace
 from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
 from hierbayes.inference.svi.objectives import MetaObjective
 from hierbayes.inference.training.checks import (
     as_task_source,
     check_arguments,
     check_dtype,
+    check_empirical_bayes,
     check_inputs,
+    check_query_less,
     check_targets,
     reset_param_sites,
     trainable_parameters,
+)
+from hierbayes.inference.training.distributed import DistributedContext, distributed_session
+from hierbayes.inference.training.empirical_bayes import (
+    boundary_sites,
+    full_batch_optimizer,
+    run_full_batch,
+    stochastic_convergence,
+    uses_full_batch,
+    warn_at_boundary,
+    warn_unconverged,
 )
 from hierbayes.inference.training.guards import boundary_warnings, warning_tally
 from hierbayes.inference.training.loop import TrainingControl, TrainingRun
@@ -86,6 +99,11 @@ def fit(
     metrics_log: str | os.PathLike[str] | None = None,
     log_every: int = 100,
     check_every: int = 250,
+    full_batch: bool | None = None,
+    grad_tolerance: float = 1e-6,
+    loss_tolerance: float = 1e-12,
+    hyperprior_space: HyperpriorSpace = "constrained",
+    distributed: bool | None = None,
     **method_options: Any,
 ) -> FitResult:
     r"""Meta-train ``model`` on ``tasks`` and return a :class:`FitResult`.
@@ -140,6 +158,39 @@ def fit(
     check_every:
         Check every this many steps that the inner loop lowers the support loss (warn) and has
         not diverged (error); ``0`` turns the check off.
+    full_batch:
+        Minimise the objective over **all** tasks every iteration with the deterministic
+        optimiser, L-BFGS with a strong-Wolfe line search, up to ``meta_steps`` iterations
+        (:mod:`~hierbayes.inference.training.empirical_bayes`; ``meta_batch_size``, ``lr`` and
+        ``optimizer`` are the stochastic loop's). ``None`` (default) chooses it for an evidence
+        objective on a finite set of tasks without a query set (groups as tasks, e.g.
+        :func:`~hierbayes.tasks.radon_tasks`) when no ``optimizer`` is given; ``True`` for any
+        finite task set; ``False`` keeps Adam on batches of tasks.
+    grad_tolerance, loss_tolerance:
+        The convergence criterion, reported in ``FitResult.convergence``: a full-batch run stops
+        once the gradient norm (over every trained parameter, unconstrained) is at most
+        ``grad_tolerance`` or the loss changes by at most ``loss_tolerance`` (relative) in one
+        iteration. A run that ends unconverged (a stochastic run: its loss still falling) warns.
+    hyperprior_space:
+        Where the globals' hyperprior is scored (type-II MAP): ``"constrained"`` (default) the
+        density of each value, as Pyro's ``AutoDelta``; ``"unconstrained"`` the density of the
+        unconstrained value the optimiser moves (:math:`\log\tau` for a scale), i.e. with the
+        log-Jacobian :math:`\log\tau`, which keeps a group scale off its boundary at 0.
+    distributed:
+        Data-parallel meta-training over the ranks of a ``torch.distributed`` launch
+        (``torchrun --nproc_per_node=K``): every rank draws the same meta-batch and trains on
+        its share of the tasks, the loss and the gradients of every trained parameter are
+        averaged over the ranks (``all_reduce``), so K ranks give the parameters one process
+        would (to rounding); rank 0 alone writes ``checkpoint`` and ``metrics_log`` and shows
+        progress, and a checkpoint resumes on any number of ranks. ``None`` (default): on
+        when there is more than one rank (``WORLD_SIZE > 1``, or an initialised process group
+        of several ranks); ``True``: the same, and a plain ``python`` run is one rank;
+        ``False``: never (each rank trains a run of its own). A process group that does not
+        exist is initialised (gloo on CPU, NCCL for ``device="cuda"``, which becomes
+        ``cuda:LOCAL_RANK``); collectives time out after
+        :data:`~hierbayes.inference.training.distributed.DEFAULT_TIMEOUT` seconds (environment
+        variable ``HIERBAYES_DIST_TIMEOUT``). See
+        :mod:`hierbayes.inference.training.distributed`.
     **method_options:
         Passed to the method's objective (e.g. ``curvature="ggn"`` for ``"llama"``).
 
@@ -157,8 +208,11 @@ def fit(
         or the inner loop diverges; its ``result`` holds the last good state.
     MetaTrainingInterrupted
         On Ctrl-C (a ``KeyboardInterrupt``); its ``result`` holds the steps completed.
+    DistributedTrainingError
+        In a distributed run, on every rank: the ranks disagree on a setting (named), a rank
+        failed while setting up, or another rank stopped or timed out.
     """
-    with warning_tally():
+    with warning_tally(), distributed_session(distributed, device) as context:
         return _fit(
             model,
             tasks,
@@ -192,7 +246,14 @@ def fit(
                 check_every=check_every,
             ),
             resume=None if resume is None else Path(resume),
+            empirical=dict(
+                full_batch=full_batch,
+                grad_tolerance=grad_tolerance,
+                loss_tolerance=loss_tolerance,
+                hyperprior_space=hyperprior_space,
+            ),
             method_options=method_options,
+            context=context,
         )
 
 
@@ -219,7 +280,10 @@ def _fit(
     control: TrainingControl,
     resume: Path | None,
     method_options: dict[str, Any],
+    context: DistributedContext | None = None,
+    empirical: dict[str, Any] | None = None,
 ) -> FitResult:
+    empirical = check_empirical_bayes(empirical or {})
     spec = get_method(method)
     if isinstance(objective, str):
         method_options["objective"] = objective
@@ -239,8 +303,8 @@ def _fit(
             f"fit needs a model: a Pyro program model(x, y=None) (or a hierbayes TaskModel); "
             f"got {type(model).__name__}"
         )
-    saved = read_run(resume) if resume is not None else None
-    dev = _resolve_device(device)
+    saved = read_run(resume, map_location="cpu") if resume is not None else None
+    dev = _resolve_device(device) if context is None else context.device
     source = as_task_source(tasks)
     if (
         not isinstance(tasks, TaskBatch)  # one batch given: training on all of it is the point
@@ -268,7 +332,7 @@ def _fit(
         first.task_ids,
         first.info,
     ).to(dev)  # re-validated
-    first.require_query("meta-training")
+    check_query_less(spec.name, objective, method_options, first)
     check_dtype(model, first, dtype)
     check_inputs(model, first)
     if not isinstance(model, torch.nn.Module) and guide is None:
@@ -292,6 +356,7 @@ def _fit(
     if objective is None:
         objective = spec.objective(num_tasks=source.num_tasks, **method_options)
     objective.bind(guide.density)  # declared capabilities, checked before any training
+    objective.hyperprior_space = empirical["hyperprior_space"]
     result = FitResult(model, guide, objective, method, [], config)
     result.example = (first.support_x[:1].detach(), first.support_y[:1].detach())
     parameters = trainable_parameters(model, guide)
@@ -302,8 +367,19 @@ def _fit(
             "e.g. theta = pyro.sample('theta', dist.Normal(torch.zeros(D), 10.0).to_event(1)), "
             "and use it as the prior mean of the per-task latent"
         )
+    full_batch = uses_full_batch(
+        empirical["full_batch"],
+        objective,
+        source,
+        first,
+        custom_optimizer=control.optimizer is not None,
+        distributed=context is not None,
+    )
+    config.update(empirical, full_batch=full_batch)
     optim = (
-        control.optimizer(parameters)
+        full_batch_optimizer(parameters)
+        if full_batch
+        else control.optimizer(parameters)
         if control.optimizer is not None
         else torch.optim.Adam(parameters, lr=lr)
     )
@@ -312,10 +388,41 @@ def _fit(
     if saved is not None:
         restore_run(result, saved)
     start_values = {k: v.detach().clone() for k, v in guide.global_values().items()}
-    run = TrainingRun(result, source, control, dtype=dtype, device=dev, progress=progress)
-    run.train(meta_steps, callback)
+    if context is not None:
+        context.start(result, control, parameters)  # same settings on every rank, rank 0's values
+    run_options: dict[str, Any] = dict(
+        grad_tolerance=empirical["grad_tolerance"],
+        loss_tolerance=empirical["loss_tolerance"],
+        dtype=dtype,
+        device=dev,
+    )
+    run = TrainingRun(
+        result, source, control, dtype=dtype, device=dev, progress=progress, context=context
+    )
+    if full_batch:
+        result.convergence = run_full_batch(
+            result, source, max_steps=meta_steps, callback=callback, **run_options
+        )
+        if control.checkpoint is not None:
+            result.save(control.checkpoint)
+    else:
+        run.train(meta_steps, callback)
+        result.convergence = stochastic_convergence(
+            result,
+            source,
+            optimizer="adam" if control.optimizer is None else "custom",
+            query_less=not first.has_query,
+            **run_options,
+        )
+    warn_unconverged(result.convergence, result)
+    at_boundary = boundary_sites(result, source, dtype=dtype, device=dev) if full_batch else {}
+    warn_at_boundary(at_boundary, result)
     boundary_warnings(
-        [s for s in guide.structure.global_sites if not _reported_by_model(model, s.name)],
+        [
+            s
+            for s in guide.structure.global_sites
+            if not _reported_by_model(model, s.name) and s.name not in at_boundary
+        ],
         start_values,
         guide.global_values(),
         method,

@@ -6,6 +6,12 @@ Each step: sample a batch (the task sampler's own generator), the objective's fa
 :class:`~hierbayes.inference.MetaTrainingDiverged`, before the step is taken), optional
 gradient clipping, the optimiser's and the schedule's step. Every ``check_every`` steps the
 inner loop is checked (:func:`~hierbayes.inference.training.guards.check_inner_loop`).
+
+In a data-parallel run (a :class:`~hierbayes.inference.training.distributed.DistributedContext`)
+every rank draws the same batch and steps on its share of it; the loss and the gradients are
+summed over the ranks (weighted by each share's size) before the guards and the optimiser see
+them, the inner-loop check runs on the whole batch on every rank and is agreed on, and only
+rank 0 shows progress, logs, and writes checkpoints and the metrics log.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hierbayes.errors import NumericalError
+from hierbayes.inference.training.distributed import DistributedContext
 from hierbayes.inference.training.guards import check_inner_loop, check_jump
 from hierbayes.inference.training.result import (
     FitResult,
@@ -64,13 +71,17 @@ class TrainingRun:
         dtype: torch.dtype | None,
         device: torch.device,
         progress: bool,
+        context: DistributedContext | None = None,
     ) -> None:
         self.result = result
         self.source = source
         self.control = control
         self.dtype = dtype
         self.device = device
-        self.progress = progress
+        self.context = context
+        #: Rank 0 (or the only process): the one that reports and writes.
+        self.main = context is None or context.is_main
+        self.progress = progress and self.main
         state = result.training
         if state is None:  # pragma: no cover - fit always sets it
             raise RuntimeError("the result has no training state")
@@ -99,8 +110,8 @@ class TrainingRun:
             for step in bar:
                 batch = self._sample()
                 if self.control.check_every and step % self.control.check_every == 0:
-                    self._check_inner_loop(step, batch)
-                value, grad_norm = self._step(step, batch)
+                    self._check_inner_loop(step, batch.to(self.device))
+                value, grad_norm = self._step(step, *self._share(batch))
                 result.history.append(value)
                 result.wall_time = time.perf_counter() - started
                 self._record(step, value, grad_norm)
@@ -128,15 +139,29 @@ class TrainingRun:
             bar.close()
         result.wall_time = time.perf_counter() - started
         self._checkpoint()
+        if self.context is not None:
+            self.context.synchronize()  # every rank returns once the final checkpoint is written
 
     def _sample(self) -> TaskBatch:
+        """The step's whole batch (every rank draws the same one), where the source made it."""
         batch: TaskBatch = self.source.sample(
             self.result.config["meta_batch_size"], generator=self.generator, dtype=self.dtype
         )
-        return batch.to(self.device)
+        return batch
+
+    def _share(self, batch: TaskBatch) -> tuple[TaskBatch, float]:
+        """This rank's share of ``batch``, on the device, and its weight in the mean over tasks."""
+        if self.context is None:
+            return batch.to(self.device), 1.0
+        part, weight = self.context.local_batch(batch)
+        return part.to(self.device), weight
 
     def _check_inner_loop(self, step: int, batch: TaskBatch) -> None:
-        self._guarded(step, lambda: check_inner_loop(self.result.guide, batch, step))
+        def check() -> None:
+            check_inner_loop(self.result.guide, batch, step)
+
+        context = self.context
+        self._guarded(step, check if context is None else lambda: context.agree(check))
 
     def _guarded(self, step: int, check: Callable[[], None]) -> None:
         try:
@@ -144,15 +169,23 @@ class TrainingRun:
         except NumericalError as err:
             raise MetaTrainingDiverged(f"{err} {_kept(step)}", self.result) from err
 
-    def _step(self, step: int, batch: TaskBatch) -> tuple[float, float | None]:
+    def _step(self, step: int, batch: TaskBatch, weight: float) -> tuple[float, float | None]:
+        """One optimiser step on ``batch`` (this rank's share of the meta-batch, whose weight in
+        the mean over the meta-batch's tasks is ``weight``)."""
         result = self.result
         self.optimizer.zero_grad(set_to_none=True)
+        loss: Tensor | None = None
         try:
             loss = result.objective.meta_loss(result.guide, batch)
             value = float(loss.detach())
             cause: NumericalError | None = None
         except NumericalError as err:
             value, cause = float("nan"), err
+        if self.context is not None:
+            # the guards below see the global loss and gradient, so they stop every rank alike
+            if loss is not None and math.isfinite(value):
+                loss.backward()
+            value = self.context.reduce_step(value, self.parameters, weight)
         if not math.isfinite(value):
             config = result.config
             raise MetaTrainingDiverged(
@@ -163,7 +196,8 @@ class TrainingRun:
                 result,
             ) from cause
         self._guarded(step, lambda: check_jump(result.history, value, step))
-        loss.backward()
+        if self.context is None and loss is not None:
+            loss.backward()
         if not _gradients_finite(self.parameters):
             bad = sum(
                 1
@@ -189,6 +223,8 @@ class TrainingRun:
     # -- what a step leaves behind -----------------------------------------------------------------
 
     def _record(self, step: int, value: float, grad_norm: float | None) -> None:
+        if not self.main:
+            return
         every = self.control.log_every
         if every and step % every == 0 and logger.isEnabledFor(logging.INFO):
             logger.info("meta-step %d: loss %.6g", step, value)
@@ -208,7 +244,7 @@ class TrainingRun:
 
     def _checkpoint(self) -> Path | None:
         path = self.control.checkpoint
-        if path is None:
+        if path is None or not self.main:
             return None
         self.result.save(path)
         logger.info("checkpoint written to %s", os.fspath(path))
