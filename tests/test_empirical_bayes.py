@@ -123,7 +123,7 @@ def test_query_less_tasks_refuse_maml_naming_the_fix() -> None:
     with pytest.raises(TaskDataError, match="objective='evidence'"):
         fit(EightSchools(), eight_schools_tasks(), method="maml", meta_steps=1, progress=False)
     with pytest.raises(
-        TaskDataError, match="needs a query set for method=.llama., objective=.predictive."
+        TaskDataError, match=r"needs a query set for method=.llama., objective=.predictive."
     ):
         fit(
             EightSchools(),

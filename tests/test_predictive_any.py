@@ -30,8 +30,8 @@ from hierbayes.models import (
     CategoricalLikelihood,
     GaussianLikelihood,
     PyroTaskDensity,
-    TaskModel,
     TaskDensity,
+    TaskModel,
     model_structure,
     task_density,
 )
@@ -137,9 +137,7 @@ def test_probit_loss_on_a_network_classifier_has_exact_gradients() -> None:
     sharp = _classifier(prior_scale=1e-4)
     params = {"theta": sharp.theta_init}
     phi = params["theta"].expand(batch.num_tasks, -1)
-    plain = -_density(sharp, batch).log_likelihood(
-        params, phi, batch.query_x, batch.query_y, None
-    )
+    plain = -_density(sharp, batch).log_likelihood(params, phi, batch.query_x, batch.query_y, None)
     assert_close(_losses(sharp, batch), plain, rtol=1e-4, atol=1e-6)
 
 

@@ -4,7 +4,6 @@ with masks, target shapes, dtypes, pyro.param models, divergence, and bad inputs
 from __future__ import annotations
 
 import math
-
 import warnings
 
 import numpy as np
