@@ -16,7 +16,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _sinusoid_parser(sub)
-    from hierbayes.experiments import compare, linear
+    from hierbayes.experiments import compare, linear, omniglot
 
     linear.add_parser(sub)
     compare.add_parser(sub)
+    omniglot.add_parser(sub)
     return parser
 
 
@@ -253,16 +256,40 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args.threads)
-    from hierbayes.experiments import compare, linear
+    from hierbayes.experiments import compare, linear, omniglot
 
     handlers = {
         "demo": _run_demo,
         "sinusoid": _run_sinusoid,
         "linear": linear.run,
         "compare": compare.run,
+        "omniglot": omniglot.run,
     }
-    handlers[args.command](args)
+    with _outputs_on_rank_zero(args):
+        handlers[args.command](args)
     return 0
+
+
+@contextmanager
+def _outputs_on_rank_zero(args: argparse.Namespace) -> Iterator[None]:
+    """Under ``torchrun`` every rank runs the command (``fit`` shares each meta-batch among
+    them) and rank 0 alone writes: the others write ``--out`` into a temporary folder that is
+    removed afterwards, print nothing and show no progress bars."""
+    from hierbayes.inference.training.distributed import is_main_process
+
+    if is_main_process():
+        yield
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="hierbayes-rank-") as scratch,
+        open(os.devnull, "w") as silent,
+        redirect_stdout(silent),
+    ):
+        if hasattr(args, "out"):
+            args.out = Path(scratch) / "out"
+        if hasattr(args, "no_progress"):
+            args.no_progress = True
+        yield
 
 
 def console_main() -> int:

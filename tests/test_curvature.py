@@ -273,9 +273,10 @@ def test_large_matrices_with_several_threads(threads: int) -> None:
 
 
 def test_registry_names_callables_and_errors() -> None:
-    assert {"full", "ggn", "diag", "kfac"} <= set(available_curvatures())
+    assert {"full", "ggn", "diag", "kfac", "fisher_diag"} <= set(available_curvatures())
     with pytest.raises(
-        ValueError, match=r"unknown curvature 'exact'; registered: \['diag', 'full', 'ggn', 'kfac'"
+        ValueError,
+        match=r"unknown curvature 'exact'; registered: \['diag', 'fisher_diag', 'full', 'ggn', 'kfac'",
     ):
         get_curvature("exact")
 

@@ -1,5 +1,6 @@
 """Hierarchical task models: Pyro programs with a global theta and a per-task phi."""
 
+from hierbayes.models.conv import ConvClassifier, conv4_network
 from hierbayes.models.density import (
     Capabilities,
     DiagonalPriorDensity,
@@ -8,6 +9,13 @@ from hierbayes.models.density import (
     TaskDensity,
     capabilities,
     task_density,
+)
+from hierbayes.models.grouped import (
+    ContextualEffects,
+    EightSchools,
+    GroupedModel,
+    VaryingIntercepts,
+    VaryingInterceptsSlopes,
 )
 from hierbayes.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
 from hierbayes.models.linear import BayesianLinearRegression
@@ -21,9 +29,13 @@ __all__ = [
     "BayesianLinearRegression",
     "Capabilities",
     "CategoricalLikelihood",
+    "ContextualEffects",
+    "ConvClassifier",
     "DiagonalPriorDensity",
+    "EightSchools",
     "GaussianLikelihood",
     "GlobalSite",
+    "GroupedModel",
     "LayerRecord",
     "Likelihood",
     "ModelStructure",
@@ -34,7 +46,10 @@ __all__ = [
     "TaskDensity",
     "TaskModel",
     "TaskModelDensity",
+    "VaryingIntercepts",
+    "VaryingInterceptsSlopes",
     "capabilities",
+    "conv4_network",
     "from_module",
     "model_structure",
     "sinusoid_network",

@@ -319,7 +319,22 @@ def _conv2d(step: Conv2dStep, a: Tensor, params: Mapping[str, Tensor]) -> Tensor
 
 
 def _batch_norm(step: BatchNormStep, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-    """Normalise with each task's own batch statistics over points (and spatial positions)."""
+    """Normalise with each task's own batch statistics over points (and spatial positions).
+
+    The tasks' channels are folded into one batch-norm call of ``T·C`` channels (the layout
+    the grouped convolution produces), which is torch's fused kernel, forward and backward.
+    """
+    T, N, C = h.shape[0], h.shape[1], h.shape[2]
+    if N * h[0, 0, 0].numel() == 1:  # one value per channel: torch's kernel refuses it
+        return _batch_norm_by_hand(step, h, params)
+    x = h.transpose(0, 1).reshape(N, T * C, *h.shape[3:])
+    weight = None if step.weight is None else params[step.weight].reshape(T * C)
+    bias = None if step.bias is None else params[step.bias].reshape(T * C)
+    y = F.batch_norm(x, None, None, weight, bias, training=True, eps=step.eps)
+    return y.reshape(N, T, C, *h.shape[3:]).transpose(0, 1)
+
+
+def _batch_norm_by_hand(step: BatchNormStep, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
     T, C = h.shape[0], h.shape[2]
     reduce_dims = [1, *range(3, h.dim())]
     mean = h.mean(dim=reduce_dims, keepdim=True)

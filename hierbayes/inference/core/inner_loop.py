@@ -44,6 +44,7 @@ def gradient_steps(
     steps: int,
     step_size: Tensor | float,
     first_order: bool = False,
+    checkpoint: bool = False,
 ) -> Tensor:
     r"""Take ``steps`` gradient-ascent steps on ``log_density`` from ``phi0``.
 
@@ -62,6 +63,13 @@ def gradient_steps(
         Detach each inner gradient (first-order MAML): the meta-gradient then flows into
         :math:`\theta` only through :math:`\phi_{(0)}` and into :math:`\alpha` through the
         step itself.
+    checkpoint:
+        Gradient checkpointing (``torch.utils.checkpoint``, non-reentrant): each step keeps
+        only its input :math:`\phi_{(i-1)}` for the meta-gradient and recomputes its forward
+        and inner backward pass during the outer backward pass, so the memory of a
+        second-order meta-gradient no longer grows with every step's activations (about one
+        more forward and backward pass a step). The values and gradients are the same. Only
+        used when the caller takes second-order meta-gradients.
 
     Returns
     -------
@@ -77,6 +85,8 @@ def gradient_steps(
     # Without outer gradients phi0 is detached: under no_grad a view of a parameter still
     # reports requires_grad=True while being outside any graph.
     phi = phi0 if outer_grad else phi0.detach()
+    if checkpoint and create_graph:
+        return _checkpointed_steps(log_density, phi, steps, step_size)
     with torch.enable_grad():
         for _ in range(steps):
             if not outer_grad or not phi.requires_grad:
@@ -87,6 +97,25 @@ def gradient_steps(
                 grad = grad.detach()
             phi = phi + step_size * grad
     return phi if outer_grad else phi.detach()
+
+
+def _checkpointed_steps(
+    log_density: Callable[[Tensor], Tensor], phi: Tensor, steps: int, step_size: Tensor | float
+) -> Tensor:
+    """Second-order inner steps, each under a non-reentrant ``torch.utils.checkpoint``."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one_step(current: Tensor, alpha: Tensor | float) -> Tensor:
+        if not current.requires_grad:
+            current = current.detach().requires_grad_(True)
+        value = log_density(current).sum()
+        (grad,) = torch.autograd.grad(value, current, create_graph=True)
+        return current + alpha * grad
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            phi = cast(Tensor, checkpoint(one_step, phi, step_size, use_reentrant=False))
+    return phi
 
 
 InnerLoss = Literal["sum", "mean", "mse"]
@@ -137,6 +166,7 @@ def adapt_tasks(
     first_order: bool = False,
     joint: bool = False,
     loss: InnerLoss = "sum",
+    checkpoint: bool = False,
 ) -> Tensor:
     r""":math:`\hat\phi` ``(T, D)``: ``steps`` gradient steps from the prior mean on each task's
     support data ``x`` ``(T, N, ...)``, ``y``, ``mask`` ``(T, N)``.
@@ -154,7 +184,8 @@ def adapt_tasks(
     With ``joint`` the step adds :math:`\log p(\phi\mid\theta)` (scaled by :math:`1/N_j` with
     ``"mean"``); it starts at :math:`\mathbb E[\phi\mid\theta]` (``density.prior_mean``). A
     pure function of ``params`` and ``step_size``: nothing is mutated, and the result is
-    differentiable in both.
+    differentiable in both. ``checkpoint`` checkpoints each inner step
+    (:func:`gradient_steps`).
     """
     if loss not in ("sum", "mean", "mse"):
         raise ValueError(f"inner loss must be 'sum', 'mean' or 'mse'; got {loss!r}")
@@ -179,6 +210,7 @@ def adapt_tasks(
         steps=steps,
         step_size=step_size,
         first_order=first_order,
+        checkpoint=checkpoint,
     )
 
 

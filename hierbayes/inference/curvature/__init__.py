@@ -32,6 +32,7 @@ from hierbayes.inference.curvature.base import (
 )
 from hierbayes.inference.curvature.dense import DenseCurvature
 from hierbayes.inference.curvature.diag import DiagonalCurvature, diagonal_ggn
+from hierbayes.inference.curvature.fisher import sampled_fisher_diagonal
 from hierbayes.inference.curvature.full import FullHessianCurvature, full_hessian
 from hierbayes.inference.curvature.ggn import GGNCurvature, ggn
 from hierbayes.inference.curvature.jacobian import (
@@ -64,6 +65,7 @@ __all__ = [
     "register_curvature",
     "row_constant",
     "safe_cholesky",
+    "sampled_fisher_diagonal",
 ]
 
 CurvatureBuilder = Callable[[CurvatureInputs], CurvatureEstimate]
@@ -73,6 +75,7 @@ _REGISTRY: dict[str, CurvatureBuilder] = {
     "ggn": ggn,
     "diag": diagonal_ggn,
     "kfac": kfac,
+    "fisher_diag": sampled_fisher_diagonal,
 }
 
 

@@ -124,6 +124,10 @@ class TruncatedGradientGuide(PyroModule):
         number of support points) or ``"mse"`` (MAML's mean squared error, for network models:
         the step no longer depends on the number of points or on a learned noise scale). See
         :func:`~hierbayes.inference.core.inner_loop.adapt_tasks`.
+    gradient_checkpointing:
+        Checkpoint each inner step (``torch.utils.checkpoint``): second-order meta-gradients
+        then keep one :math:`\phi` per step instead of every step's activations, at about one
+        more forward and backward pass a step; the same values and gradients (off by default).
     init_values:
         Initial values of global latents by site name; by default the model's
         ``initial_values()`` where it has one, else each site's prior mean.
@@ -141,8 +145,10 @@ class TruncatedGradientGuide(PyroModule):
         inner_objective: InnerObjective = "likelihood",
         inner_loss: InnerLoss = "sum",
         init_values: Mapping[str, Tensor] | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(name=f"TruncatedGradientGuide_{next(_INSTANCES)}")
+        self.gradient_checkpointing = gradient_checkpointing
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0; got {inner_steps}")
         if not step_size > 0:
@@ -269,6 +275,7 @@ class TruncatedGradientGuide(PyroModule):
             first_order=self.first_order,
             joint=self.inner_objective == "joint",
             loss=self.inner_loss,
+            checkpoint=self.gradient_checkpointing,
         )
 
     def effective_step_size(

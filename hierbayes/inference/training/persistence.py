@@ -31,6 +31,14 @@ from pyro import poutine
 from torch import Tensor
 
 from hierbayes.errors import HierbayesError
+from hierbayes.models.conv import ConvClassifier
+from hierbayes.models.grouped import (
+    ContextualEffects,
+    EightSchools,
+    GroupedModel,
+    VaryingIntercepts,
+    VaryingInterceptsSlopes,
+)
 from hierbayes.models.linear import BayesianLinearRegression
 from hierbayes.models.neural import NeuralRegression
 from hierbayes.models.task_model import TaskModel
@@ -60,6 +68,11 @@ VERSION = 1
 BUILTIN_MODELS: dict[str, Callable[..., Any]] = {
     "NeuralRegression": NeuralRegression,
     "BayesianLinearRegression": BayesianLinearRegression,
+    "ConvClassifier": ConvClassifier,
+    "VaryingIntercepts": VaryingIntercepts,
+    "ContextualEffects": ContextualEffects,
+    "VaryingInterceptsSlopes": VaryingInterceptsSlopes,
+    "EightSchools": EightSchools,
 }
 
 
@@ -70,7 +83,7 @@ class CheckpointError(HierbayesError, ValueError):
 def describe_model(model: Any) -> dict[str, Any] | None:
     """How to construct ``model`` again (``{"class": name, "kwargs": {...}}``), or ``None`` for a
     model that only its author can rebuild (a function, a custom network)."""
-    description = model.constructor if isinstance(model, TaskModel) else None
+    description = model.constructor if isinstance(model, (TaskModel, GroupedModel)) else None
     if description is None or description.get("class") not in BUILTIN_MODELS:
         return None
     return {"class": str(description["class"]), "kwargs": dict(description["kwargs"])}
@@ -290,6 +303,9 @@ def check_compatible(saved: SavedRun, config: Mapping[str, Any], guide: Any) -> 
 
 
 _RUN_ONLY = ("meta_steps", "device", "num_tasks")
+#: ``fit``'s own settings kept in a run's config that are not options of the objective: the
+#: full-batch optimiser, the convergence tolerances, where the hyperprior is scored.
+FIT_SETTINGS = ("full_batch", "grad_tolerance", "loss_tolerance", "hyperprior_space")
 
 
 def load_states(result: FitResult, saved: SavedRun) -> None:

@@ -1,0 +1,253 @@
+"""Meta-training and evaluating one Omniglot run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hierbayes.experiments.omniglot.config import (
+    OmniglotConfig,
+    ShiftedEpisodes,
+    test_episodes,
+)
+from hierbayes.experiments.omniglot.evaluation import (
+    evaluate_probs,
+    load_run,
+    pixel_nearest_neighbour,
+    predict_all,
+    pretrain_finetune,
+)
+from hierbayes.inference import FitResult, fit
+from hierbayes.inference.curvature.fisher import sampled_fisher_diagonal
+from hierbayes.models import ConvClassifier
+from hierbayes.tasks import ImageDataset, TaskBatch, load_omniglot
+
+__all__ = ["choose_prior_scale", "format_report", "run_omniglot"]
+
+
+def choose_prior_scale(
+    start: FitResult, train: ImageDataset, cfg: OmniglotConfig
+) -> tuple[float, dict[str, float]]:
+    r"""The prior scale :math:`s` of :math:`\phi_j\sim\mathcal N(\theta, s^2I)` (the Laplace
+    posterior's prior precision :math:`1/s^2`) with the lowest query NLL of the sampled Laplace
+    predictive on ``prior_scale_episodes`` episodes of the *training* classes, at ``start``'s
+    :math:`\theta` (a type-II choice on training tasks; test episodes are never seen). The
+    inner loop steps on the likelihood, so :math:`s` changes only the posterior's spread."""
+    from hierbayes.inference.posteriors.laplace import laplace_posterior
+
+    sampler = train.episodes(ways=cfg.ways, shots=cfg.shots, query_shots=cfg.eval_query_shots)
+    batch = sampler.sample(cfg.prior_scale_episodes, generator=torch.Generator().manual_seed(1))
+    qx, qy, _ = batch.require_query("the prior-scale search")
+    model = start.model
+    original = model.prior_scale_init
+    phi = start.adapt(batch, inner_steps=cfg.eval_inner_steps).mean
+    dtype = start.config.get("dtype") or torch.float32
+    scores: dict[str, float] = {}
+    try:
+        for s in cfg.prior_scale_grid:
+            model.prior_scale_init = float(s)
+            probs = []
+            for a in range(0, batch.num_tasks, cfg.eval_chunk):
+                b = slice(a, a + cfg.eval_chunk)
+                post = laplace_posterior(
+                    start.guide.density,
+                    start.params,
+                    phi[b],
+                    batch.support_x[b].to(dtype),
+                    batch.support_y[b],
+                    curvature=sampled_fisher_diagonal,
+                )
+                g = torch.Generator().manual_seed(a)
+                pred = post.predict(
+                    qx[b].to(dtype),
+                    method="sampled",
+                    num_samples=cfg.predictive_samples,
+                    generator=g,
+                )
+                probs.append(pred.mean.detach().double())
+            scores[f"{s:g}"] = evaluate_probs(torch.cat(probs), qy.long())["nll"]["mean"]
+    finally:
+        model.prior_scale_init = original
+    best = min(scores, key=lambda k: scores[k])
+    return float(best), scores
+
+
+def _fit(cfg: OmniglotConfig, train: ImageDataset) -> tuple[FitResult, dict[str, Any]]:
+    r"""Meta-train. MAML: ``meta_steps`` steps of MAML's loss. LLAMA: the first
+    ``meta_steps - llama_steps`` steps with MAML's loss (the paper's loss without its
+    :math:`\eta\log\det\hat H` term, :math:`\eta = 10^{-6}`), then ``llama_steps`` of the
+    paper's loss from there (``llama_batch_size`` tasks a step; its curvature costs ~8 x a MAML
+    step on this network), so the final run is a LLAMA run whose ``adapt`` gives the Laplace
+    task posterior. ``llama_steps >= meta_steps`` trains with the paper's loss throughout."""
+    sampler = train.episodes(ways=cfg.ways, shots=cfg.shots, query_shots=cfg.query_shots)
+    source = ShiftedEpisodes(sampler, cfg.max_shift)
+    wd = cfg.weight_decay
+    common: dict[str, Any] = dict(
+        inner_steps=cfg.inner_steps,
+        step_size=cfg.step_size,
+        inner_loss="mean",
+        first_order=cfg.first_order,
+        lr=cfg.lr,
+        optimizer=(lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=wd)) if wd else None,
+        device=cfg.device,
+        dtype=torch.float32,
+        progress=cfg.progress,
+    )
+    model = ConvClassifier(cfg.ways)
+    if cfg.method != "llama":
+        result = fit(
+            model,
+            source,
+            method=cfg.method,
+            meta_steps=cfg.meta_steps,
+            meta_batch_size=cfg.meta_batch_size,
+            seed=cfg.seed,
+            check_every=max(cfg.meta_steps, 1),
+            **common,
+        )
+        return result, {}
+    warm = max(cfg.meta_steps - cfg.llama_steps, 0)
+    llama_steps = cfg.meta_steps - warm
+    start: FitResult | None = None
+    if cfg.warm_start is not None:
+        start = load_run(cfg.warm_start)
+        warm, llama_steps = int(start.config.get("meta_steps", 0)), cfg.llama_steps
+    elif warm > 0:
+        start = fit(
+            model,
+            source,
+            method="maml",
+            meta_steps=warm,
+            meta_batch_size=cfg.meta_batch_size,
+            seed=cfg.seed,
+            check_every=warm,
+            **common,
+        )
+    scale: float | None = cfg.prior_scale
+    scores: dict[str, float] = {}
+    if scale is None:
+        scale, scores = choose_prior_scale(start, train, cfg) if start else (1.0, {})
+    model = ConvClassifier(cfg.ways, prior_scale=scale)
+    if start is not None:
+        with torch.no_grad():
+            model.theta_init.copy_(start.theta.to(model.theta_init))
+    options: dict[str, Any] = dict(
+        objective=cfg.objective,
+        curvature=cfg.curvature,
+        curvature_data=cfg.curvature_data,
+    )
+    result = fit(
+        model,
+        source,
+        method="llama",
+        meta_steps=llama_steps,
+        meta_batch_size=cfg.llama_batch_size if warm > 0 else cfg.meta_batch_size,
+        seed=cfg.seed + 1,
+        check_every=max(llama_steps, 1),
+        **common,
+        **options,
+    )
+    used = {**options, "maml_loss_steps": warm, "llama_loss_steps": llama_steps}
+    used["prior_scale"] = scale
+    if scores:
+        used["prior_scale_search_nll_on_training_episodes"] = scores
+    if cfg.warm_start is not None:
+        used["warm_start"] = str(cfg.warm_start)
+    return result, used
+
+
+def run_omniglot(
+    cfg: OmniglotConfig, out: str | os.PathLike[str]
+) -> tuple[dict[str, Any], FitResult]:
+    """Train, evaluate and save one run into ``out`` (``model.pt``, ``metrics.json``,
+    ``test_predictions.pt``); returns the metrics and the trained run."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    train = load_omniglot(cfg.train_source, rotations=True)
+    test_data = load_omniglot(cfg.test_source, alphabets=cfg.test_alphabets)
+    batch = test_episodes(cfg, test_data)
+    t0 = time.perf_counter()
+    result, objective = _fit(cfg, train)
+    train_seconds = time.perf_counter() - t0
+    trained_steps = cfg.meta_steps
+    steps_here = cfg.meta_steps
+    if objective:
+        trained_steps = objective["maml_loss_steps"] + objective["llama_loss_steps"]
+        steps_here = objective["llama_loss_steps"] if cfg.warm_start else trained_steps
+    result.save(out_dir / "model.pt")
+    t0 = time.perf_counter()
+    probs = predict_all(result, batch, cfg)
+    labels = cast_labels(batch)
+    metrics: dict[str, Any] = {
+        "method": cfg.method,
+        **({"llama": objective} if objective else {}),
+        "ways": cfg.ways,
+        "shots": cfg.shots,
+        **evaluate_probs(probs, labels),
+        "eval_episodes": cfg.eval_episodes,
+        "eval_query_per_class": cfg.eval_query_shots,
+        "meta_steps": trained_steps,
+        "meta_steps_per_s": steps_here / train_seconds,
+        "train_seconds": train_seconds,
+        "eval_seconds": time.perf_counter() - t0,
+        "final_loss": float(sum(result.history[-100:]) / max(len(result.history[-100:]), 1)),
+        "train_classes": train.num_classes,
+        "test_classes": test_data.num_classes,
+    }
+    baselines: dict[str, Any] = {
+        # one-hot guesses: accuracy only (their NLL is infinite)
+        "pixel_nearest_neighbour": {
+            "accuracy": evaluate_probs(pixel_nearest_neighbour(batch), labels)["accuracy"]
+        }
+    }
+    if cfg.pretrain_steps > 0:
+        baselines["pretrain_finetune"] = evaluate_probs(
+            pretrain_finetune(train, batch, cfg), labels
+        )
+    metrics["baselines"] = baselines
+    metrics["wall_seconds"] = time.perf_counter() - started
+    metrics["threads"] = torch.get_num_threads()
+    metrics["config"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    torch.save({"probs": probs.float(), "labels": labels}, out_dir / "test_predictions.pt")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics, result
+
+
+def cast_labels(batch: TaskBatch) -> Tensor:
+    """The test episodes' query labels ``(T, M)``."""
+    _, y, _ = batch.require_query("evaluation")
+    return y.long()
+
+
+def format_report(metrics: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+
+    def line(name: str, m: dict[str, Any]) -> str:
+        a, n = m["accuracy"], m["nll"]
+        return (
+            f"  {name:<26} accuracy {100 * a['mean']:.2f} ± {100 * a['ci95']:.2f} %   "
+            f"NLL {n['mean']:.3f} ± {n['ci95']:.3f}   ECE {m['ece']:.3f}"
+        )
+
+    head = (
+        f"Omniglot {metrics['ways']}-way {metrics['shots']}-shot, {metrics['method']}, "
+        f"{metrics['eval_episodes']} held-out episodes ({metrics['meta_steps']} meta-steps, "
+        f"{metrics['meta_steps_per_s']:.2f}/s, {metrics['wall_seconds'] / 60:.1f} min)"
+    )
+    rows = [head, line(metrics["method"], metrics)]
+    for name, m in metrics["baselines"].items():
+        if "nll" in m:
+            rows.append(line(name, m))
+        else:
+            a = m["accuracy"]
+            rows.append(f"  {name:<26} accuracy {100 * a['mean']:.2f} ± {100 * a['ci95']:.2f} %")
+    return "\n".join(rows)
