@@ -164,3 +164,26 @@ def test_short_demo_run_beats_no_adaptation() -> None:
     assert adapted.mse is not None and unadapted.mse is not None
     diff = mean_ci95(adapted.mse - unadapted.mse)
     assert diff["mean"] + diff["ci95"] < 0, diff
+
+
+def test_gradient_checkpointing_trains_exactly_as_the_plain_inner_loop() -> None:
+    """fit(gradient_checkpointing=True) recomputes the inner steps in the backward pass: the
+    same second-order meta-gradients, so the same run."""
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        result = fit(
+            NeuralRegression(tiny_mlp(5)),
+            SinusoidTasks(shots=5, query_shots=5),
+            meta_steps=4,
+            meta_batch_size=3,
+            inner_steps=2,
+            step_size=0.01,
+            gradient_checkpointing=checkpointing,
+            progress=False,
+        )
+        runs.append(result)
+    assert runs[1].guide.gradient_checkpointing and not runs[0].guide.gradient_checkpointing
+    torch.testing.assert_close(torch.tensor(runs[0].history), torch.tensor(runs[1].history))
+    for name, value in runs[0].params.items():
+        torch.testing.assert_close(value, runs[1].params[name])

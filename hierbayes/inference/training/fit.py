@@ -82,6 +82,7 @@ def fit(
     first_order: bool = False,
     inner_objective: InnerObjective = "likelihood",
     inner_loss: InnerLoss = "sum",
+    gradient_checkpointing: bool = False,
     lr: float = 1e-3,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -125,6 +126,10 @@ def fit(
         Tasks per step, and the learning rate of the default optimiser (Adam).
     inner_steps, step_size, learn_step_size, first_order, inner_objective, inner_loss:
         The guide's options (:class:`~hierbayes.inference.TruncatedGradientGuide`).
+    gradient_checkpointing:
+        Recompute each inner step in the backward pass instead of keeping its activations
+        (``torch.utils.checkpoint``): second-order MAML with more inner steps in less memory,
+        the same meta-gradient.
     seed:
         Seeds both torch and the task sampler; a run is reproducible on one device.
     device, dtype:
@@ -226,6 +231,7 @@ def fit(
                 first_order=first_order,
                 inner_objective=inner_objective,
                 inner_loss=inner_loss,
+                gradient_checkpointing=gradient_checkpointing,
             ),
             lr=lr,
             seed=seed,

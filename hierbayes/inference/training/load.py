@@ -28,6 +28,7 @@ _GUIDE_OPTIONS = (
     "first_order",
     "inner_objective",
     "inner_loss",
+    "gradient_checkpointing",
 )
 
 
