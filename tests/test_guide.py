@@ -106,3 +106,19 @@ def test_option_errors() -> None:
         TruncatedGradientGuide(model, batch, step_size=0.0)
     with pytest.raises(ValueError, match="inner_objective must be"):
         TruncatedGradientGuide(model, batch, inner_objective="posterior")  # type: ignore[arg-type]
+
+
+def test_set_global_values_writes_constrained_values_through_their_transform() -> None:
+    from hierbayes.models import ContextualEffects
+    from hierbayes.tasks import radon_tasks
+
+    tasks = radon_tasks(dtype=torch.float64)
+    guide = TruncatedGradientGuide(ContextualEffects(), tasks.batch([0, 1, 2]))
+    before = {k: v.detach().clone() for k, v in guide.global_values().items()}
+    guide.set_global_values({"tau": torch.tensor(0.25, dtype=torch.float64)})
+    after = guide.global_values()
+    assert_close(after["tau"].reshape(()), torch.tensor(0.25, dtype=torch.float64))
+    for name in ("mu", "w", "sigma"):
+        assert_close(after[name], before[name])  # the others untouched
+    with pytest.raises(KeyError, match="no global site"):
+        guide.set_global_values({"theta": torch.zeros(3)})

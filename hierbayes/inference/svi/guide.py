@@ -235,6 +235,20 @@ class TruncatedGradientGuide(PyroModule):
             name: transform(getattr(owner, leaf)) for name, owner, leaf, transform in self._readers
         }
 
+    @torch.no_grad()
+    def set_global_values(self, values: Mapping[str, Tensor]) -> None:
+        """Set the point estimates of the named global latents to ``values`` (in each site's
+        support; stored through the inverse of its constraint's transform)."""
+        supports = {site.name: site.support for site in self.structure.global_sites}
+        unknown = sorted(set(values) - set(supports))
+        if unknown:
+            raise KeyError(f"no global site {unknown}; the model's globals: {sorted(supports)}")
+        for name, owner, leaf, _ in self._readers:
+            if name in values:
+                param = getattr(owner, leaf)
+                free = transform_to(supports[name]).inv(torch.as_tensor(values[name]).to(param))
+                param.copy_(free.reshape(param.shape))
+
     def traced_global_values(self) -> dict[str, Tensor]:
         """The same values read through ``PyroModule`` attributes: inside the guide's call each
         read is a ``pyro.param`` statement that ``SVI``'s parameter capture and a user's

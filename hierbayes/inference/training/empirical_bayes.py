@@ -51,14 +51,13 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from pyro.distributions import constraints
 from torch import Tensor
-from torch.distributions import transform_to
 
 from hierbayes.errors import NumericalError, TaskDataError
 from hierbayes.inference.svi.llama import LaplaceEvidenceObjective
@@ -72,12 +71,12 @@ __all__ = [
     "TREND_TOLERANCE",
     "Convergence",
     "UnconvergedWarning",
-    "boundary_sites",
+    "all_tasks",
     "full_batch_optimizer",
+    "positive_scalar_sites",
     "run_full_batch",
     "stochastic_convergence",
     "uses_full_batch",
-    "warn_at_boundary",
     "warn_unconverged",
 ]
 
@@ -203,7 +202,7 @@ def _relative_change(previous: float, current: float) -> float:
     return abs(previous - current) / max(abs(previous), abs(current), 1.0)
 
 
-def _positive_scalar_sites(result: FitResult) -> list[str]:
+def positive_scalar_sites(result: FitResult) -> list[str]:
     names = []
     for site in result.guide.structure.global_sites:
         support = site.support
@@ -266,7 +265,7 @@ def run_full_batch(
         return loss.detach()
 
     started = time.perf_counter() - result.wall_time
-    sites = _positive_scalar_sites(result)
+    sites = positive_scalar_sites(result)
     tiny = (
         torch.finfo(
             batch.support_y.dtype
@@ -374,7 +373,7 @@ def stochastic_convergence(
     change = (mean_before - mean_last) / max(abs(mean_last), 1.0)
     falling = mean_before - mean_last > 3 * spread and change > TREND_TOLERANCE
     if query_less:  # the objective is a deterministic function of the globals: its gradient
-        batch = _all_tasks(source, dtype, device)
+        batch = all_tasks(source, dtype, device)
         state = result.training
         if state is None:  # pragma: no cover - fit always sets it
             raise RuntimeError("the result has no training state")
@@ -444,76 +443,9 @@ def warn_unconverged(convergence: Convergence, result: FitResult) -> None:
     )
 
 
-def boundary_sites(
-    result: FitResult, source: Any, *, dtype: torch.dtype | None, device: torch.device
-) -> dict[str, float]:
-    r"""The positive scalar globals at which the (deterministic) objective still falls towards
-    0: ``{site: value}`` for each whose loss at :math:`\hat v/10` is no higher than at
-    :math:`\hat v` (within a relative :math:`10^{-12}`), other values held fixed."""
-    names = _positive_scalar_sites(result)
-    if not names:
-        return {}
-    batch = _all_tasks(source, dtype, device)
-    guide = result.guide
-    found: dict[str, float] = {}
-    base = _loss_at(result, batch, {})
-    for name in names:
-        value = guide.global_values()[name].detach()
-        lower = _loss_at(result, batch, {name: value / 10})
-        if lower <= base + 1e-12 * max(abs(base), 1.0):
-            found[name] = float(value.reshape(()))
-    return found
-
-
-def _all_tasks(source: Any, dtype: torch.dtype | None, device: torch.device) -> TaskBatch:
+def all_tasks(source: Any, dtype: torch.dtype | None, device: torch.device) -> TaskBatch:
     """Every task of a finite source, drawn with a private generator (the global random
     stream and the run's sampler are left alone)."""
     generator = torch.Generator().manual_seed(0)
     batch: TaskBatch = source.sample(source.num_tasks, generator=generator, dtype=dtype)
     return batch.to(device)
-
-
-def _loss_at(result: FitResult, batch: TaskBatch, changes: Mapping[str, Tensor]) -> float:
-    """The objective with the globals in ``changes`` set to new values (restored after)."""
-    guide = result.guide
-    supports = {site.name: site.support for site in guide.structure.global_sites}
-    saved = []
-    for name, owner, leaf, _ in guide._readers:  # the guide's own map of its parameters
-        if name in changes:
-            param = getattr(owner, leaf)
-            saved.append((param, param.detach().clone()))
-            value = transform_to(supports[name]).inv(changes[name])
-            with torch.no_grad():
-                param.copy_(value.reshape(param.shape))
-    try:
-        value = result.objective.meta_loss(guide, batch)
-        return float(value.detach())
-    finally:
-        with torch.no_grad():
-            for param, old in saved:
-                param.copy_(old)
-
-
-def warn_at_boundary(found: Mapping[str, float], result: FitResult) -> None:
-    """Warn that the objective peaks at a scale's boundary, with the cause and the fixes."""
-    if not found:
-        return
-    listed = ", ".join(f"{name} = {value:.3g}" for name, value in found.items())
-    space = result.objective.hyperprior_space
-    fixes = (
-        "score the hyperprior in the unconstrained space with its log-Jacobian "
-        "(hyperprior_space='unconstrained', whose density of log tau vanishes at tau = 0), "
-        if space == "constrained"
-        else ""
-    )
-    warnings.warn(
-        f"the {result.method} objective peaks at the boundary: {listed} fell towards 0 and the "
-        "objective is still lower closer to 0. The marginal likelihood of a group scale is "
-        "maximised at 0 when the groups vary no more than their noise explains (eight schools "
-        "is the classic case), so this point estimate means 'no detectable variation', not a "
-        f"fitted scale, and the group posteriors collapse onto the common mean. To fix it, "
-        f"{fixes}give the scale a hyperprior that vanishes at 0 (e.g. a Gamma(2, ...) or "
-        "log-normal prior), or integrate it out: full Bayes by NUTS over all latents",
-        UserWarning,
-        stacklevel=4,
-    )

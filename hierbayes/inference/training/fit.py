@@ -26,6 +26,7 @@ from hierbayes.inference.core.inner_loop import InnerLoss
 from hierbayes.inference.core.losses import HyperpriorSpace
 from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
 from hierbayes.inference.svi.objectives import MetaObjective
+from hierbayes.inference.training.boundary import boundary_sites, warn_at_boundary
 from hierbayes.inference.training.checks import (
     as_task_source,
     check_arguments,
@@ -39,12 +40,10 @@ from hierbayes.inference.training.checks import (
 )
 from hierbayes.inference.training.distributed import DistributedContext, distributed_session
 from hierbayes.inference.training.empirical_bayes import (
-    boundary_sites,
     full_batch_optimizer,
     run_full_batch,
     stochastic_convergence,
     uses_full_batch,
-    warn_at_boundary,
     warn_unconverged,
 )
 from hierbayes.inference.training.guards import boundary_warnings, warning_tally
