@@ -9,7 +9,7 @@ device.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.models.density import TaskDensity
 from hierbayes.tasks.batch import TaskBatch
 
-__all__ = ["check_counts", "initial_points", "sample_posterior"]
+__all__ = ["check_counts", "initial_points", "run_pyro_chain", "sample_posterior"]
 
 
 def check_counts(num_warmup: int, num_samples: int, num_chains: int) -> None:
@@ -78,3 +78,41 @@ def sample_posterior(
         diagnostics=convergence_diagnostics(draws),
         settings=settings,
     )
+
+
+def run_pyro_chain(
+    potential: Callable[[dict[str, Tensor]], Tensor],
+    initial_params: dict[str, Tensor],
+    *,
+    num_samples: int,
+    num_warmup: int,
+    target_accept_prob: float,
+    max_tree_depth: int,
+    jit_compile: bool,
+) -> tuple[dict[str, Tensor], list[int]]:
+    """One chain of Pyro's NUTS on ``potential`` (diagonal mass matrix, step size and mass
+    adapted in warm-up): its draws (detached) and the indices of its divergent transitions."""
+    from pyro.infer import MCMC, NUTS
+
+    kernel = NUTS(
+        potential_fn=potential,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        adapt_step_size=True,
+        adapt_mass_matrix=True,
+        full_mass=False,
+        jit_compile=jit_compile,
+        ignore_jit_warnings=True,
+    )
+    mcmc = MCMC(
+        kernel,
+        num_samples=num_samples,
+        warmup_steps=num_warmup,
+        initial_params=initial_params,
+        num_chains=1,
+        disable_progbar=True,
+    )
+    mcmc.run()
+    samples = {name: value.detach() for name, value in mcmc.get_samples().items()}
+    found = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
+    return samples, [int(i) for i in found if 0 <= int(i) < num_samples]

@@ -53,7 +53,7 @@ from hierbayes.inference.posteriors.joint import predict_from_joint_draws
 from hierbayes.inference.posteriors.predictive import Prediction
 from hierbayes.inference.posteriors.samples import RHAT_THRESHOLD, SamplePosterior, thinning_index
 from hierbayes.inference.posteriors.unconstrained import GlobalCoordinates, joint_log_density
-from hierbayes.inference.reference.chains import check_counts
+from hierbayes.inference.reference.chains import check_counts, run_pyro_chain
 from hierbayes.inference.reference.target import resolve_density
 from hierbayes.models.density import TaskDensity
 from hierbayes.tasks.batch import TaskBatch
@@ -236,7 +236,6 @@ def nuts_full_bayes(
     divergences, wall time and :math:`\hat R`/ESS of every task parameter and global.
     """
     tasks = as_batch(tasks, "nuts_full_bayes")
-    from pyro.infer import MCMC, NUTS
 
     from hierbayes.inference.evaluation.arviz_bridge import convergence_diagnostics
 
@@ -278,34 +277,21 @@ def nuts_full_bayes(
             jitter_u = 2 * torch.rand(u0.shape, generator=generator, dtype=u0.dtype) - 1
             jitter_phi = 2 * torch.rand(phi0.shape, generator=generator, dtype=phi0.dtype) - 1
             torch.manual_seed(int(seeds[c]))
-            kernel = NUTS(
-                potential_fn=potential,
-                target_accept_prob=target_accept_prob,
-                max_tree_depth=max_tree_depth,
-                adapt_step_size=True,
-                adapt_mass_matrix=True,
-                full_mass=False,
-                jit_compile=jit_compile,
-                ignore_jit_warnings=True,
-            )
-            mcmc = MCMC(
-                kernel,
-                num_samples=S,
-                warmup_steps=num_warmup,
-                initial_params={
+            samples, divergent = run_pyro_chain(
+                potential,
+                {
                     "u": u0 + init_radius * jitter_u.to(u0),
                     "phi": phi0 + init_radius * jitter_phi.to(phi0),
                 },
-                num_chains=1,
-                disable_progbar=True,
+                num_samples=S,
+                num_warmup=num_warmup,
+                target_accept_prob=target_accept_prob,
+                max_tree_depth=max_tree_depth,
+                jit_compile=jit_compile,
             )
-            mcmc.run()
-            samples = mcmc.get_samples()
-            u_draws[c] = samples["u"].detach().reshape(S, coords.size)
-            phi_draws[c] = samples["phi"].detach().reshape(S, T, D)
-            for i in mcmc.diagnostics().get("divergences", {}).get("chain 0", []):
-                if 0 <= int(i) < S:
-                    diverging[c, int(i)] = True
+            u_draws[c] = samples["u"].reshape(S, coords.size)
+            phi_draws[c] = samples["phi"].reshape(S, T, D)
+            diverging[c, divergent] = True
     wall = time.perf_counter() - started
     with torch.no_grad():
         constrained, _ = coords.unpack(u_draws)

@@ -17,7 +17,12 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.posteriors.samples import SamplePosterior
-from hierbayes.inference.reference.chains import check_counts, initial_points, sample_posterior
+from hierbayes.inference.reference.chains import (
+    check_counts,
+    initial_points,
+    run_pyro_chain,
+    sample_posterior,
+)
 from hierbayes.inference.reference.target import resolve_density
 from hierbayes.tasks.batch import TaskBatch
 
@@ -69,7 +74,6 @@ def nuts_pyro(
     ``(C, S, T, D)``, the divergences in ``sampler_stats["diverging"]``, the total wall time
     and the chains' convergence diagnostics.
     """
-    from pyro.infer import MCMC, NUTS
 
     check_counts(num_warmup, num_samples, num_chains)
     density = resolve_density(model_or_density, tasks)
@@ -104,30 +108,17 @@ def nuts_pyro(
 
             for c in range(C):
                 torch.manual_seed(int(seeds[t, c]))
-                kernel = NUTS(
-                    potential_fn=potential,
+                samples, divergent = run_pyro_chain(
+                    potential,
+                    {"phi": starts[c, t].clone()},
+                    num_samples=S,
+                    num_warmup=num_warmup,
                     target_accept_prob=target_accept_prob,
                     max_tree_depth=max_tree_depth,
-                    adapt_step_size=True,
-                    adapt_mass_matrix=True,
-                    full_mass=False,
                     jit_compile=jit_compile,
-                    ignore_jit_warnings=True,
                 )
-                mcmc = MCMC(
-                    kernel,
-                    num_samples=S,
-                    warmup_steps=num_warmup,
-                    initial_params={"phi": starts[c, t].clone()},
-                    num_chains=1,
-                    disable_progbar=True,
-                )
-                mcmc.run()
-                draws[c, :, t] = mcmc.get_samples()["phi"].detach().reshape(S, D)
-                found = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
-                for i in found:
-                    if 0 <= int(i) < S:
-                        diverging[c, int(i), t] = True
+                draws[c, :, t] = samples["phi"].reshape(S, D)
+                diverging[c, divergent, t] = True
     wall = time.perf_counter() - started
     return sample_posterior(
         density,
