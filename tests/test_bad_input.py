@@ -549,3 +549,12 @@ def test_a_model_that_breaks_the_contract_names_the_site(
     with pytest.raises(ModelContractError, match=message) as info:
         short_fit(model, regression_batch())
     assert "A hierbayes model is a Pyro program" in str(info.value)
+
+
+def test_all_task_methods_refuse_an_endless_family_with_the_fix() -> None:
+    from hierbayes.inference import hyper_laplace, nuts_full_bayes
+    from hierbayes.tasks import SinusoidTasks
+
+    for method in (hyper_laplace, nuts_full_bayes):
+        with pytest.raises(TypeError, match=r"needs a finite set of tasks.*got SinusoidTasks"):
+            method(NeuralRegression(tiny_mlp(3)), SinusoidTasks(shots=5))
