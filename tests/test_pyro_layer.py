@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -125,6 +127,26 @@ def test_poutine_scale_scales_every_loss(objective: str) -> None:
     assert_close(masked, torch.zeros(()), **TOL)
 
 
+def test_poutine_scale_and_svi_take_the_sampled_predictive_of_a_plain_program() -> None:
+    """LLAMA's default objective on a Bernoulli program (draws of phi through its own site)
+    under Pyro's handlers and SVI, as every other objective."""
+    batch = logistic_batch()
+    guide = TruncatedGradientGuide(logistic, batch, inner_steps=1, step_size=0.1)
+    loss = llama_objective(10, "predictive", num_samples=8)
+    torch.manual_seed(1)
+    plain = loss.differentiable_loss(logistic, guide, batch)
+    torch.manual_seed(1)
+    with poutine.scale(scale=0.5):
+        scaled = loss.differentiable_loss(logistic, guide, batch)
+    assert_close(scaled, 0.5 * plain, **TOL)
+    assert loss.approximation == "sampled"  # type: ignore[attr-defined]
+    svi = SVI(logistic, guide, pyro.optim.Adam({"lr": 0.05}), loss=loss)
+    before = {k: v.detach().clone() for k, v in guide.global_values().items()}
+    values = [svi.step(batch) for _ in range(5)]
+    assert all(math.isfinite(v) for v in values)
+    assert not torch.equal(guide.global_values()["mu"].detach(), before["mu"])
+
+
 def test_poutine_condition_conditions_the_scored_model() -> None:
     batch = regression_batch()
     model = NeuralRegression(tiny_mlp(4))
@@ -142,7 +164,14 @@ def test_poutine_condition_conditions_the_scored_model() -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["maml-network", "predictive-network", "paper-network", "maml-logistic", "evidence-logistic"],
+    [
+        "maml-network",
+        "predictive-network",
+        "paper-network",
+        "maml-logistic",
+        "evidence-logistic",
+        "predictive-logistic",
+    ],
 )
 def test_the_fast_road_equals_the_pyro_road(case: str) -> None:
     """What ``fit`` computes (``meta_loss``) equals what ``SVI`` computes, value and gradients."""
@@ -160,8 +189,10 @@ def test_the_fast_road_equals_the_pyro_road(case: str) -> None:
         options = {} if which == "network" else {"curvature": "full"}
         objective = llama_objective(20, objective_name, **options)
     params = [p for p in guide.parameters() if p.requires_grad]
+    torch.manual_seed(0)  # the sampled predictive of a plain program draws: the same draws
     fast = objective.meta_loss(guide, batch)
     g_fast = torch.autograd.grad(fast, params)
+    torch.manual_seed(0)
     pyro_road = objective.differentiable_loss(model, guide, batch)  # type: ignore[arg-type]
     g_pyro = torch.autograd.grad(pyro_road, params)
     assert_close(pyro_road, fast, **TOL)
