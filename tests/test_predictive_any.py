@@ -59,22 +59,31 @@ def _density(model: TaskModel, batch: TaskBatch) -> TaskDensity:
     return task_density(model, model_structure(model, batch.support_x, batch.support_y))
 
 
-def _losses(model: TaskModel, batch: TaskBatch, **options: object) -> Tensor:
-    density = _density(model, batch)
-    params = {"theta": model.theta_init}
-    phi = params["theta"].expand(batch.num_tasks, -1).clone()
-    precision = prior_precision(density, params, batch.num_tasks)
+def _predictive(
+    density: TaskDensity,
+    params: dict[str, Tensor],
+    phi: Tensor,
+    batch: TaskBatch,
+    num_samples: int = 16,
+) -> Tensor:
+    """The Laplace predictive loss with GGN curvature and the model's own prior precision."""
     return predictive_losses(
         density,
         params,
         phi,
         batch,
-        precision=precision,
+        precision=prior_precision(density, params, batch.num_tasks),
         curvature="ggn",
         jacobian="auto",
         capabilities=capabilities(density),
-        **options,  # type: ignore[arg-type]
+        num_samples=num_samples,
     )
+
+
+def _losses(model: TaskModel, batch: TaskBatch) -> Tensor:
+    params = {"theta": model.theta_init}
+    phi = params["theta"].expand(batch.num_tasks, -1).clone()
+    return _predictive(_density(model, batch), params, phi, batch)
 
 
 def test_auto_resolves_by_what_the_model_declares() -> None:
@@ -120,17 +129,7 @@ def test_probit_loss_on_a_network_classifier_has_exact_gradients() -> None:
     def loss(theta: Tensor) -> Tensor:
         params = {"theta": theta}
         phi = theta.expand(batch.num_tasks, -1) + 0.1
-        precision = prior_precision(density, params, batch.num_tasks)
-        return predictive_losses(
-            density,
-            params,
-            phi,
-            batch,
-            precision=precision,
-            curvature="ggn",
-            jacobian="auto",
-            capabilities=capabilities(density),
-        ).sum()
+        return _predictive(density, params, phi, batch).sum()
 
     assert torch.autograd.gradcheck(loss, (theta,), eps=1e-6, atol=1e-5)
     # tighter prior: less spread, so the loss moves to the plain softmax NLL at phi
@@ -161,19 +160,8 @@ def test_sampled_predictive_converges_to_the_exact_one_for_a_linear_gaussian_pro
     params = {"theta": torch.tensor([0.2, -0.1])}
     phi = torch.tensor([[1.0, 0.4], [1.2, 0.6], [0.9, 0.5]])
     precision = prior_precision(density, params, 3)
-    caps = capabilities(density)
     torch.manual_seed(1)
-    sampled = predictive_losses(
-        density,
-        params,
-        phi,
-        batch,
-        precision=precision,
-        curvature="ggn",
-        jacobian="auto",
-        capabilities=caps,
-        num_samples=100000,
-    )
+    sampled = _predictive(density, params, phi, batch, num_samples=100000)
     # exact: posterior N(phi, H^-1) with H = J^T J / s^2 + P, predictive per query point
     inputs = CurvatureInputs(
         density, params, phi, batch.support_x, batch.support_y, None, precision
@@ -201,17 +189,7 @@ def test_sampled_loss_is_the_log_mean_exp_over_its_draws_and_differentiable() ->
     precision = prior_precision(density, params, 3)
     S = 7
     torch.manual_seed(5)
-    loss = predictive_losses(
-        density,
-        params,
-        phi,
-        batch,
-        precision=precision,
-        curvature="ggn",
-        jacobian="auto",
-        capabilities=capabilities(density),
-        num_samples=S,
-    )
+    loss = _predictive(density, params, phi, batch, num_samples=S)
     (grad,) = torch.autograd.grad(loss.sum(), theta)
     assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
     # the same draws by hand: the same generator state, the same curvature

@@ -169,14 +169,7 @@ def _predictive_columns(
         row["mse"] = float(metrics.mse.double().mean())
     if metrics.accuracy is not None:
         row["accuracy"] = float(metrics.accuracy.double().mean())
-    row.update(
-        elpd=elpd["elpd"],
-        elpd_se=elpd["se"],
-        elpd_diff=elpd["elpd_diff"],
-        elpd_dse=elpd["dse"],
-        elpd_rank=elpd["rank"],
-        stacking_weight=elpd["weight"],
-    )
+    row.update(_elpd_columns(elpd))
     for level in levels:
         key = f"coverage_{round(100 * level)}"
         cov = metrics.coverage.get(level)
@@ -185,22 +178,25 @@ def _predictive_columns(
     return row, per_task
 
 
+def _elpd_columns(elpd: Mapping[str, float]) -> dict[str, Any]:
+    """The ``az.compare`` columns of one row."""
+    return {
+        "elpd": elpd["elpd"],
+        "elpd_se": elpd["se"],
+        "elpd_diff": elpd["elpd_diff"],
+        "elpd_dse": elpd["dse"],
+        "elpd_rank": elpd["rank"],
+        "stacking_weight": elpd["weight"],
+    }
+
+
 def _in_sample_columns(
     elpd: Mapping[str, float], levels: tuple[float, float]
 ) -> tuple[dict[str, Any], dict[str, list[float | None]]]:
     """Tasks without a query set: no held-out lpd, mse or coverage; the ELPD columns are
     PSIS-LOO's, with ``p_loo`` and the largest Pareto k."""
     row: dict[str, Any] = {"lpd": None, "lpd_ci95": None}
-    row.update(
-        elpd=elpd["elpd"],
-        elpd_se=elpd["se"],
-        elpd_diff=elpd["elpd_diff"],
-        elpd_dse=elpd["dse"],
-        elpd_rank=elpd["rank"],
-        stacking_weight=elpd["weight"],
-        p_loo=elpd["p_loo"],
-        pareto_k_max=elpd["pareto_k_max"],
-    )
+    row.update(_elpd_columns(elpd), p_loo=elpd["p_loo"], pareto_k_max=elpd["pareto_k_max"])
     for level in levels:
         row[f"coverage_{round(100 * level)}"] = None
     return row, {}
