@@ -337,7 +337,8 @@ def test_llama_run_end_to_end(tmp_path: Path, warm_start: bool) -> None:
     out = tmp_path / "llama"
     args = ["omniglot", "--ways", "3", "--method", "llama", "--meta-steps", "3"]
     args += ["--llama-steps", "2", "--meta-batch-size", "2", "--llama-batch-size", "2"]
-    args += ["--eval-episodes", "3", "--pretrain-steps", "0", "--predictive-samples", "3"]
+    args += ["--eval-episodes", "3", "--pretrain-steps", "0", "--init", "random"]
+    args += ["--predictive-samples", "3"]
     args += ["--out", str(out), "--no-progress"]
     if warm_start:
         x = load_omniglot("images_background_small1", alphabets=["Latin"]).images[:6]

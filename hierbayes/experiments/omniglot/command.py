@@ -35,6 +35,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--inner-steps", type=int, default=None)
     p.add_argument("--eval-inner-steps", type=int, default=None)
     p.add_argument("--step-size", type=float, default=None, help="inner step on the mean NLL")
+    p.add_argument(
+        "--learn-step-size",
+        default=None,
+        choices=["fixed", "scalar", "per_parameter"],
+        help="learn the inner step sizes (cpu default: per_parameter, Meta-SGD's preconditioner)",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        choices=["pretrained", "random"],
+        help="where theta starts: the whole-class pretrained network (cpu default) or at random",
+    )
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--max-shift", type=int, default=None, help="augmentation shift in pixels")
@@ -87,6 +99,8 @@ def run(args: Any) -> dict[str, Any]:
         inner_steps=args.inner_steps,
         eval_inner_steps=args.eval_inner_steps,
         step_size=args.step_size,
+        learn_step_size=args.learn_step_size,
+        init=args.init,
         lr=args.lr,
         weight_decay=args.weight_decay,
         max_shift=args.max_shift,

@@ -38,8 +38,15 @@ class OmniglotConfig:
     #: query examples per class in training episodes (test episodes use ``eval_query_shots``)
     query_shots: int = 2
     inner_steps: int = 1
-    eval_inner_steps: int = 3
+    eval_inner_steps: int = 10
+    #: the inner step size alpha: its start, and whether meta-training learns one per weight
+    #: (``"per_parameter"``, Li et al. 2017's Meta-SGD: a learned diagonal preconditioner, i.e.
+    #: a learned diagonal prior covariance; MATH.md §3), one scalar or none (``"fixed"``)
     step_size: float = 0.4
+    learn_step_size: str = "per_parameter"
+    #: where meta-training starts theta: ``"pretrained"`` (the convolution weights of the
+    #: whole-class network of :mod:`~hierbayes.experiments.omniglot.pretrain`) or ``"random"``
+    init: str = "pretrained"
     first_order: bool = True
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -62,7 +69,9 @@ class OmniglotConfig:
     prior_scale_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
     prior_scale_episodes: int = 20
     predictive_samples: int = 30
-    pretrain_steps: int = 1000
+    #: whole-class pretraining (the baseline's network and ``init="pretrained"``'s start)
+    pretrain_steps: int = 5000
+    pretrain_batch_size: int = 64
     finetune_steps: int = 100
     train_source: str = "images_background_small1"
     test_source: str = "images_background_small2"
@@ -88,7 +97,6 @@ def config_for(name: str, ways: int, shots: int, method: str, **overrides: Any) 
             meta_steps=6000 if ways <= 5 else 5000,
             meta_batch_size=16 if ways <= 5 else 8,
             inner_steps=1,
-            eval_inner_steps=3,
         )
     elif name == "gpu":
         cfg = OmniglotConfig(
@@ -101,6 +109,9 @@ def config_for(name: str, ways: int, shots: int, method: str, **overrides: Any) 
             inner_steps=5,
             eval_inner_steps=10,
             first_order=False,
+            # the paper's MAML: a fixed step from a random initialisation
+            learn_step_size="fixed",
+            init="random",
             device="cuda",
             eval_chunk=100,
         )
@@ -125,7 +136,8 @@ class ShiftedEpisodes:
     def num_tasks(self) -> None:
         return None
 
-    def _shift(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    def shift(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``x`` ``(..., C, H, W)`` with each image shifted independently."""
         m = self.max_shift
         flat = x.reshape(-1, *x.shape[-3:])
         H, W = flat.shape[-2:]
@@ -146,9 +158,9 @@ class ShiftedEpisodes:
             return batch
         qx = batch.query_x
         return TaskBatch(
-            self._shift(batch.support_x, generator),
+            self.shift(batch.support_x, generator),
             batch.support_y,
-            None if qx is None else self._shift(qx, generator),
+            None if qx is None else self.shift(qx, generator),
             batch.query_y,
             info=batch.info,
             validate=False,

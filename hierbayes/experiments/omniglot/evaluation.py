@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from hierbayes.experiments.omniglot.config import OmniglotConfig, ShiftedEpisodes
+from hierbayes.experiments.omniglot.config import OmniglotConfig
 from hierbayes.inference import FitResult, mean_ci95
 from hierbayes.inference.posteriors.laplace import LaplacePosterior
-from hierbayes.models import conv4_network
 from hierbayes.tasks import ImageDataset, TaskBatch
 
 __all__ = [
@@ -130,41 +129,17 @@ def pixel_nearest_neighbour(batch: TaskBatch) -> Tensor:
     return F.one_hot(labels, ways).double()
 
 
-def pretrain_finetune(train: ImageDataset, batch: TaskBatch, cfg: OmniglotConfig) -> Tensor:
+def pretrain_finetune(
+    train: ImageDataset, batch: TaskBatch, cfg: OmniglotConfig, net: nn.Sequential | None = None
+) -> Tensor:
     r"""The pretrain + fine-tune baseline's probabilities ``(T, M, ways)``: the same network
-    with a head over all training classes, trained by minibatch cross-entropy (Adam, batch
-    64, ``pretrain_steps``, shifted images), then per episode a zero-initialised ``ways``-way
-    linear head fitted on the support features (``finetune_steps`` of gradient descent, step
-    1, weight decay 1e-3), features under each batch's own statistics."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    net = conv4_network(train.num_classes).float()
-    body = net[:-1]
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    shifter = ShiftedEpisodes(train.episodes(ways=2, shots=1, query_shots=0), cfg.max_shift)
-    for _ in range(cfg.pretrain_steps):
-        idx = torch.randint(0, len(train), (64,), generator=g)
-        x = shifter._shift(train.images[idx], g)
-        loss = F.cross_entropy(net(x), train.labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    qx, _, _ = batch.require_query("the fine-tune baseline")
-    ways = int(batch.support_y.max()) + 1
-    out = []
-    with torch.no_grad():
-        for t in range(batch.num_tasks):
-            fs = body(batch.support_x[t].float())
-            fq = body(qx[t].float())
-            w = fs.new_zeros(fs.shape[1], ways)
-            b = fs.new_zeros(ways)
-            onehot = F.one_hot(batch.support_y[t], ways).float()
-            for _ in range(cfg.finetune_steps):
-                p = torch.softmax(fs @ w + b, -1)
-                err = (p - onehot) / fs.shape[0]
-                w -= fs.T @ err + 1e-3 * w
-                b -= err.sum(0)
-            out.append(torch.softmax(fq @ w + b, -1).double())
-    return torch.stack(out)
+    with a head over all training classes, trained by minibatch cross-entropy
+    (:func:`~hierbayes.experiments.omniglot.pretrain.pretrain_network`; pass ``net`` to reuse
+    one), then per episode a new linear head fitted on the support features
+    (:func:`~hierbayes.experiments.omniglot.pretrain.finetune_head`)."""
+    from hierbayes.experiments.omniglot.pretrain import finetune_head, pretrain_network
+
+    return finetune_head(pretrain_network(train, cfg) if net is None else net, batch, cfg)
 
 
 def load_run(path: str | os.PathLike[str]) -> FitResult:

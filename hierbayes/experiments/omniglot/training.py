@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hierbayes.experiments.omniglot.config import (
     OmniglotConfig,
@@ -24,6 +24,7 @@ from hierbayes.experiments.omniglot.evaluation import (
     predict_all,
     pretrain_finetune,
 )
+from hierbayes.experiments.omniglot.pretrain import pretrain_network, pretrained_theta
 from hierbayes.inference import FitResult, fit
 from hierbayes.inference.curvature.fisher import sampled_fisher_diagonal
 from hierbayes.models import ConvClassifier
@@ -79,8 +80,11 @@ def choose_prior_scale(
     return float(best), scores
 
 
-def _fit(cfg: OmniglotConfig, train: ImageDataset) -> tuple[FitResult, dict[str, Any]]:
-    r"""Meta-train. MAML: ``meta_steps`` steps of MAML's loss. LLAMA: the first
+def _fit(
+    cfg: OmniglotConfig, train: ImageDataset, pretrained: nn.Sequential | None = None
+) -> tuple[FitResult, dict[str, Any]]:
+    r"""Meta-train, from the convolution weights of ``pretrained`` when given
+    (``init="pretrained"``). MAML: ``meta_steps`` steps of MAML's loss. LLAMA: the first
     ``meta_steps - llama_steps`` steps with MAML's loss (the paper's loss without its
     :math:`\eta\log\det\hat H` term, :math:`\eta = 10^{-6}`), then ``llama_steps`` of the
     paper's loss from there (``llama_batch_size`` tasks a step; its curvature costs ~8 x a MAML
@@ -91,7 +95,7 @@ def _fit(cfg: OmniglotConfig, train: ImageDataset) -> tuple[FitResult, dict[str,
     wd = cfg.weight_decay
     common: dict[str, Any] = dict(
         inner_steps=cfg.inner_steps,
-        step_size=cfg.step_size,
+        learn_step_size=cfg.learn_step_size,
         inner_loss="mean",
         first_order=cfg.first_order,
         lr=cfg.lr,
@@ -100,12 +104,21 @@ def _fit(cfg: OmniglotConfig, train: ImageDataset) -> tuple[FitResult, dict[str,
         dtype=torch.float32,
         progress=cfg.progress,
     )
-    model = ConvClassifier(cfg.ways)
+
+    def new_model(prior_scale: float = 1.0) -> ConvClassifier:
+        model = ConvClassifier(cfg.ways, prior_scale=prior_scale)
+        if pretrained is not None:
+            with torch.no_grad():
+                model.theta_init.copy_(pretrained_theta(model, pretrained))
+        return model
+
+    model = new_model()
     if cfg.method != "llama":
         result = fit(
             model,
             source,
             method=cfg.method,
+            step_size=cfg.step_size,
             meta_steps=cfg.meta_steps,
             meta_batch_size=cfg.meta_batch_size,
             seed=cfg.seed,
@@ -124,6 +137,7 @@ def _fit(cfg: OmniglotConfig, train: ImageDataset) -> tuple[FitResult, dict[str,
             model,
             source,
             method="maml",
+            step_size=cfg.step_size,
             meta_steps=warm,
             meta_batch_size=cfg.meta_batch_size,
             seed=cfg.seed,
@@ -134,10 +148,12 @@ def _fit(cfg: OmniglotConfig, train: ImageDataset) -> tuple[FitResult, dict[str,
     scores: dict[str, float] = {}
     if scale is None:
         scale, scores = choose_prior_scale(start, train, cfg) if start else (1.0, {})
-    model = ConvClassifier(cfg.ways, prior_scale=scale)
-    if start is not None:
+    model = new_model(scale)
+    step_size: float | Tensor = cfg.step_size
+    if start is not None:  # continue from the MAML run: its theta and its step sizes
         with torch.no_grad():
             model.theta_init.copy_(start.theta.to(model.theta_init))
+        step_size = start.guide.step_size.detach().clone()
     options: dict[str, Any] = dict(
         objective=cfg.objective,
         curvature=cfg.curvature,
@@ -147,6 +163,7 @@ def _fit(cfg: OmniglotConfig, train: ImageDataset) -> tuple[FitResult, dict[str,
         model,
         source,
         method="llama",
+        step_size=step_size,
         meta_steps=llama_steps,
         meta_batch_size=cfg.llama_batch_size if warm > 0 else cfg.meta_batch_size,
         seed=cfg.seed + 1,
@@ -175,8 +192,16 @@ def run_omniglot(
     train = load_omniglot(cfg.train_source, rotations=True)
     test_data = load_omniglot(cfg.test_source, alphabets=cfg.test_alphabets)
     batch = test_episodes(cfg, test_data)
+    if cfg.init not in ("pretrained", "random"):
+        raise ValueError(f"init must be 'pretrained' or 'random'; got {cfg.init!r}")
+    if cfg.init == "pretrained" and cfg.pretrain_steps < 1:
+        raise ValueError("init='pretrained' needs pretrain_steps >= 1 (or use init='random')")
     t0 = time.perf_counter()
-    result, objective = _fit(cfg, train)
+    pretrained = pretrain_network(train, cfg) if cfg.pretrain_steps > 0 else None
+    pretrain_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    start_from = pretrained if cfg.init == "pretrained" and cfg.warm_start is None else None
+    result, objective = _fit(cfg, train, start_from)
     train_seconds = time.perf_counter() - t0
     trained_steps = cfg.meta_steps
     steps_here = cfg.meta_steps
@@ -198,6 +223,8 @@ def run_omniglot(
         "meta_steps": trained_steps,
         "meta_steps_per_s": steps_here / train_seconds,
         "train_seconds": train_seconds,
+        "pretrain_seconds": pretrain_seconds,
+        "init": cfg.init if cfg.warm_start is None else f"warm start: {cfg.warm_start}",
         "eval_seconds": time.perf_counter() - t0,
         "final_loss": float(sum(result.history[-100:]) / max(len(result.history[-100:]), 1)),
         "train_classes": train.num_classes,
@@ -209,9 +236,9 @@ def run_omniglot(
             "accuracy": evaluate_probs(pixel_nearest_neighbour(batch), labels)["accuracy"]
         }
     }
-    if cfg.pretrain_steps > 0:
+    if pretrained is not None:
         baselines["pretrain_finetune"] = evaluate_probs(
-            pretrain_finetune(train, batch, cfg), labels
+            pretrain_finetune(train, batch, cfg, pretrained), labels
         )
     metrics["baselines"] = baselines
     metrics["wall_seconds"] = time.perf_counter() - started

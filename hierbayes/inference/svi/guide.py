@@ -105,7 +105,9 @@ class TruncatedGradientGuide(PyroModule):
     inner_steps:
         :math:`k`.
     step_size:
-        :math:`\alpha` (its initial value when learned). With ``inner_loss="sum"`` it
+        :math:`\alpha` (its initial value when learned): a number, or a ``(D,)`` tensor of
+        per-parameter step sizes (a diagonal preconditioner; e.g. the learned step sizes of
+        another run, ``result.guide.step_size``) with ``"fixed"`` or ``"per_parameter"``. With ``inner_loss="sum"`` it
         multiplies the gradient of the summed support log likelihood; for a Gaussian likelihood
         with noise :math:`\sigma` and ``N`` support points, MAML's step
         :math:`\alpha_{\mathrm{MSE}}` on the mean squared error corresponds to
@@ -139,7 +141,7 @@ class TruncatedGradientGuide(PyroModule):
         example: TaskBatch | tuple[Tensor, Tensor],
         *,
         inner_steps: int = 1,
-        step_size: float = 0.01,
+        step_size: float | Tensor = 0.01,
         learn_step_size: StepSizeMode = "fixed",
         first_order: bool = False,
         inner_objective: InnerObjective = "likelihood",
@@ -151,8 +153,9 @@ class TruncatedGradientGuide(PyroModule):
         self.gradient_checkpointing = gradient_checkpointing
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0; got {inner_steps}")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be positive; got {step_size}")
+        given = torch.as_tensor(step_size).detach()
+        if given.numel() == 0 or not bool((given > 0).all()) or not given.isfinite().all():
+            raise ValueError(f"step_size must be positive and finite; got {step_size}")
         if learn_step_size not in ("fixed", "scalar", "per_parameter"):
             raise ValueError(
                 f"learn_step_size must be 'fixed', 'scalar' or 'per_parameter'; got {learn_step_size!r}"
@@ -202,12 +205,16 @@ class TruncatedGradientGuide(PyroModule):
 
         D = self.structure.num_params
         ref = x if torch.is_floating_point(x) else torch.zeros((), dtype=torch.get_default_dtype())
-        init = torch.full(
-            (D,) if learn_step_size == "per_parameter" else (),
-            float(step_size),
-            dtype=ref.dtype,
-            device=ref.device,
-        )
+        shape: tuple[int, ...] = (D,) if learn_step_size == "per_parameter" else ()
+        if given.dim() > 0:
+            if learn_step_size == "scalar" or given.shape != (D,):
+                raise ValueError(
+                    f"step_size of shape {tuple(given.shape)}: a tensor of step sizes must have "
+                    f"shape ({D},), one per parameter, with learn_step_size 'fixed' or "
+                    f"'per_parameter' (this guide has learn_step_size={learn_step_size!r})"
+                )
+            shape = (D,)
+        init = given.to(dtype=ref.dtype, device=ref.device).expand(shape).clone()
         if learn_step_size == "fixed":
             self.register_buffer("_fixed_step_size", init)
         else:

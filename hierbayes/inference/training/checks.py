@@ -55,7 +55,10 @@ def check_arguments(
     if not _positive_number(lr):
         raise ValueError(f"lr must be a finite positive number; got {lr!r}")
     step_size = guide_options["step_size"]
-    if not _positive_number(step_size):
+    if isinstance(step_size, torch.Tensor):
+        if step_size.numel() == 0 or not bool((step_size.isfinite() & (step_size > 0)).all()):
+            raise ValueError("step_size must hold finite positive step sizes; some are not")
+    elif not _positive_number(step_size):
         raise ValueError(f"step_size must be a finite positive number; got {step_size!r}")
     inner_steps = guide_options["inner_steps"]
     if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:

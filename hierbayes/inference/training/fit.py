@@ -76,7 +76,7 @@ def fit(
     meta_steps: int = 1000,
     meta_batch_size: int = 25,
     inner_steps: int = 1,
-    step_size: float = 0.01,
+    step_size: float | Tensor = 0.01,
     learn_step_size: StepSizeMode = "fixed",
     first_order: bool = False,
     inner_objective: InnerObjective = "likelihood",

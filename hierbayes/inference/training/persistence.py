@@ -214,6 +214,8 @@ def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
             plain[key] = dtype_name(value)
         elif value is None or isinstance(value, (bool, int, float, str)):
             plain[key] = value
+        elif isinstance(value, torch.Tensor):  # per-parameter step sizes given as a start
+            plain[key] = value.detach().cpu().tolist()
         else:
             raise CheckpointError(
                 f"the run's option {key}={value!r} is not a plain value, so the run cannot be "
