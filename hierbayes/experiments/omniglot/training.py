@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from hierbayes.inference.curvature.fisher import sampled_fisher_diagonal
 from hierbayes.models import ConvClassifier
 from hierbayes.tasks import ImageDataset, TaskBatch, load_omniglot
 
-__all__ = ["choose_prior_scale", "format_report", "run_omniglot"]
+__all__ = ["choose_prior_scale", "format_report", "laplace_scores", "run_omniglot"]
 
 
 def choose_prior_scale(
@@ -41,22 +42,47 @@ def choose_prior_scale(
     predictive on ``prior_scale_episodes`` episodes of the *training* classes, at ``start``'s
     :math:`\theta` (a type-II choice on training tasks; test episodes are never seen). The
     inner loop steps on the likelihood, so :math:`s` changes only the posterior's spread."""
-    from hierbayes.inference.posteriors.laplace import laplace_posterior
-
     sampler = train.episodes(ways=cfg.ways, shots=cfg.shots, query_shots=cfg.eval_query_shots)
     batch = sampler.sample(cfg.prior_scale_episodes, generator=torch.Generator().manual_seed(1))
-    qx, qy, _ = batch.require_query("the prior-scale search")
+    scored = laplace_scores(start, batch, cfg, cfg.prior_scale_grid)
+    scores = {k: v["nll"]["mean"] for k, v in scored.items()}
+    best = min(scores, key=lambda k: scores[k])
+    return float(best), scores
+
+
+def laplace_scores(
+    start: FitResult, batch: TaskBatch, cfg: OmniglotConfig, scales: Sequence[float]
+) -> dict[str, dict[str, Any]]:
+    r"""Accuracy, NLL and ECE (:func:`evaluate_probs`) of the sampled Laplace predictive
+    :math:`\mathcal N(\hat\phi_j, (\hat F_j + s^{-2} I)^{-1})` on ``batch``'s queries for each
+    prior scale :math:`s` in ``scales`` (``cfg.predictive_samples`` draws; :math:`\hat F_j` the
+    sampled diagonal Fisher of the support set at ``start``'s :math:`\hat\phi_j` after
+    ``cfg.eval_inner_steps`` steps), keyed by ``f"{s:g}"``; ``"point"`` is the point mass."""
+    from hierbayes.inference.posteriors.laplace import laplace_posterior
+
+    qx, qy, _ = batch.require_query("the Laplace predictive")
     model = start.model
     original = model.prior_scale_init
-    phi = start.adapt(batch, inner_steps=cfg.eval_inner_steps).mean
     dtype = start.config.get("dtype") or torch.float32
-    scores: dict[str, float] = {}
+    phis = []
+    for a in range(0, batch.num_tasks, cfg.eval_chunk):
+        sub = TaskBatch(
+            batch.support_x[a : a + cfg.eval_chunk], batch.support_y[a : a + cfg.eval_chunk]
+        )
+        phis.append(start.adapt(sub, inner_steps=cfg.eval_inner_steps).mean.detach())
+    phi = torch.cat(phis)
+    scores: dict[str, dict[str, Any]] = {}
     try:
-        for s in cfg.prior_scale_grid:
-            model.prior_scale_init = float(s)
+        for s in (None, *scales):
+            model.prior_scale_init = float(s) if s is not None else original
             probs = []
             for a in range(0, batch.num_tasks, cfg.eval_chunk):
                 b = slice(a, a + cfg.eval_chunk)
+                xq = qx[b].to(dtype)
+                if s is None:
+                    out = start.guide.density.predictive(start.params, phi[b], xq)
+                    probs.append(out.probs.detach().double())
+                    continue
                 post = laplace_posterior(
                     start.guide.density,
                     start.params,
@@ -67,17 +93,14 @@ def choose_prior_scale(
                 )
                 g = torch.Generator().manual_seed(a)
                 pred = post.predict(
-                    qx[b].to(dtype),
-                    method="sampled",
-                    num_samples=cfg.predictive_samples,
-                    generator=g,
+                    xq, method="sampled", num_samples=cfg.predictive_samples, generator=g
                 )
                 probs.append(pred.mean.detach().double())
-            scores[f"{s:g}"] = evaluate_probs(torch.cat(probs), qy.long())["nll"]["mean"]
+            key = "point" if s is None else f"{s:g}"
+            scores[key] = evaluate_probs(torch.cat(probs), qy.long())
     finally:
         model.prior_scale_init = original
-    best = min(scores, key=lambda k: scores[k])
-    return float(best), scores
+    return scores
 
 
 def _fit(
