@@ -12,11 +12,13 @@ import torch
 import hierbayes
 from hierbayes.__main__ import main
 from hierbayes.experiments.omniglot import OmniglotConfig, config_for
+from hierbayes.experiments.omniglot.evaluation import evaluate_probs, predict_all
 from hierbayes.experiments.omniglot.pretrain import (
     finetune_head,
     pretrain_network,
     pretrained_theta,
 )
+from hierbayes.experiments.omniglot.training import laplace_scores
 from hierbayes.inference import TruncatedGradientGuide, fit
 from hierbayes.models import ConvClassifier
 from hierbayes.models.conv import conv4_network
@@ -173,3 +175,29 @@ def test_the_omniglot_run_starts_from_the_pretrained_network(tmp_path: Path) -> 
     assert loaded.guide.step_size.shape == (loaded.model.num_params,)
     with pytest.raises(SystemExit):
         main(["omniglot", "--init", "nowhere"])
+
+
+# -- the Laplace predictive over prior scales ----------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::hierbayes.inference.training.guards.InnerLoopWarning")
+def test_laplace_scores_point_mass_is_the_runs_prediction_and_tiny_spread_tends_to_it() -> None:
+    batch = _batch(T=4)
+    result = fit(
+        ConvClassifier(3),
+        batch,
+        meta_steps=2,
+        step_size=0.4,
+        inner_loss="mean",
+        progress=False,
+        dtype=torch.float32,
+    )
+    cfg = OmniglotConfig(ways=3, eval_chunk=3, eval_inner_steps=2, predictive_samples=20)
+    scores = laplace_scores(result, batch, cfg, [1e-6, 10.0])
+    assert list(scores) == ["point", "1e-06", "10"]
+    expected = evaluate_probs(predict_all(result, batch, cfg), batch.query_y.long())
+    assert scores["point"]["nll"]["mean"] == pytest.approx(expected["nll"]["mean"], rel=1e-6)
+    assert scores["point"]["ece"] == pytest.approx(expected["ece"], rel=1e-6)
+    # a vanishing spread is the point mass; a wide one is not
+    assert scores["1e-06"]["nll"]["mean"] == pytest.approx(expected["nll"]["mean"], abs=1e-4)
+    assert abs(scores["10"]["nll"]["mean"] - expected["nll"]["mean"]) > 1e-3

@@ -45,8 +45,8 @@ def choose_prior_scale(
     sampler = train.episodes(ways=cfg.ways, shots=cfg.shots, query_shots=cfg.eval_query_shots)
     batch = sampler.sample(cfg.prior_scale_episodes, generator=torch.Generator().manual_seed(1))
     scored = laplace_scores(start, batch, cfg, cfg.prior_scale_grid)
-    scores = {k: v["nll"]["mean"] for k, v in scored.items()}
-    best = min(scores, key=lambda k: scores[k])
+    scores = {k: v["nll"]["mean"] for k, v in scored.items()}  # "point": the point mass's NLL
+    best = min((k for k in scores if k != "point"), key=lambda k: scores[k])
     return float(best), scores
 
 
