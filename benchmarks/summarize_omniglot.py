@@ -58,6 +58,18 @@ def main() -> None:
             f"{_spread(nll, digits=3)} | {_spread(ece, digits=3)} | "
             f"{min(minutes):.1f}–{max(minutes):.1f} |"
         )
+    for (ways, method), by_seed in sorted(runs.items()):
+        seeds = [s for s in sorted(by_seed) if "pretrain_finetune" in by_seed[s]["baselines"]]
+        if method != "maml" or not seeds:
+            continue
+        base = [by_seed[s]["baselines"]["pretrain_finetune"] for s in seeds]
+        acc = [b["accuracy"]["mean"] for b in base]
+        each = ", ".join(f"{100 * a:.2f}" for a in acc)
+        print(
+            f"| {ways}-way pretrain + fine-tune | {seeds} | {each} | {_spread(acc, 100)} | "
+            f"{_spread([b['nll']['mean'] for b in base], digits=3)} | "
+            f"{_spread([b['ece'] for b in base], digits=3)} | (in the MAML runs) |"
+        )
     for ways in sorted({w for w, _ in runs}):
         maml, llama = runs.get((ways, "maml"), {}), runs.get((ways, "llama"), {})
         both = sorted(set(maml) & set(llama))

@@ -8,10 +8,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Categorical
 
 from hierbayes.experiments.omniglot.config import (
     OmniglotConfig,
@@ -81,7 +82,7 @@ def laplace_scores(
                 xq = qx[b].to(dtype)
                 if s is None:
                     out = start.guide.density.predictive(start.params, phi[b], xq)
-                    probs.append(out.probs.detach().double())
+                    probs.append(cast(Categorical, out).probs.detach().double())
                     continue
                 post = laplace_posterior(
                     start.guide.density,
