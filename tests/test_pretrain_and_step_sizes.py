@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from hierbayes.inference import TruncatedGradientGuide, fit
 from hierbayes.models import ConvClassifier
 from hierbayes.models.conv import conv4_network
 from hierbayes.tasks import ImageDataset, TaskBatch, load_omniglot
+
+from .test_any_likelihood import logistic, simulate
 
 
 def _dataset(classes: int = 6, per_class: int = 4, side: int = 28) -> ImageDataset:
@@ -106,21 +109,36 @@ def test_a_tensor_of_step_sizes_is_the_inner_loops_diagonal_preconditioner() -> 
 
 
 @pytest.mark.parametrize(
-    ("step_size", "mode", "match"),
+    ("make", "mode", "match"),
     [
-        (torch.full((5,), 0.1), "per_parameter", "shape"),
-        (torch.full((7,), 0.1), "scalar", "shape"),
-        (torch.tensor([0.1, -0.1]), "fixed", "positive"),
-        (torch.tensor(float("nan")), "fixed", "positive"),
+        (lambda D: torch.full((5,), 0.1), "per_parameter", "shape"),  # not (D,)
+        (lambda D: torch.full((D,), 0.1), "scalar", "shape"),  # a vector for one scalar
+        (lambda D: torch.full((D,), -0.1), "fixed", "positive"),
+        (lambda D: torch.tensor(float("nan")), "fixed", "positive"),
     ],
 )
-def test_bad_step_size_tensors_are_refused(step_size: torch.Tensor, mode: str, match: str) -> None:
+def test_bad_step_size_tensors_are_refused(make: Any, mode: str, match: str) -> None:
     batch = _batch(dtype=torch.float64)
     model = ConvClassifier(3)
-    if step_size.dim() and step_size.numel() == 7:
-        step_size = torch.full((model.num_params,), 0.1)
     with pytest.raises(ValueError, match=match):
-        TruncatedGradientGuide(model, batch, step_size=step_size, learn_step_size=mode)  # type: ignore[arg-type]
+        TruncatedGradientGuide(model, batch, step_size=make(model.num_params), learn_step_size=mode)  # type: ignore[arg-type]
+
+
+def test_a_tensor_step_size_on_a_plain_bernoulli_program() -> None:
+    """A user's own Pyro program (logistic regression per task): one step of the guide with a
+    (D,) step size is theta + alpha * grad of the summed support log likelihood, per entry."""
+    batch = simulate(logistic, T=3, N=6, M=4)
+    alpha = torch.tensor([0.05, 0.2, 0.01], dtype=torch.float64)
+    guide = TruncatedGradientGuide(logistic, batch, step_size=alpha)
+    params = guide.global_values()
+    x, y = batch.support_x, batch.support_y
+    with torch.no_grad():
+        phi = guide.adapt(params, x, y)
+    start = guide.density.prior_mean(params, x).detach().requires_grad_(True)
+    value = guide.density.log_likelihood(params, start, x, y)
+    (grad,) = torch.autograd.grad(value.sum(), start)
+    torch.testing.assert_close(phi, (start + alpha * grad).detach())
+    assert not torch.allclose(phi, (start + 0.05 * grad).detach())  # the per-entry alpha matters
 
 
 def test_a_fit_started_from_another_runs_step_sizes_saves_and_loads(tmp_path: Path) -> None:
