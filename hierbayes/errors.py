@@ -10,6 +10,7 @@ __all__ = [
     "ModelContractError",
     "NumericalError",
     "TaskDataError",
+    "UnconvergedWarning",
     "check_finite",
 ]
 
@@ -34,6 +35,11 @@ class ModelContractError(HierbayesError, ValueError):
 
 class NumericalError(HierbayesError, FloatingPointError):
     """A computation produced non-finite values or lost positive definiteness."""
+
+
+class UnconvergedWarning(UserWarning):
+    """An optimisation (``fit``'s, ``hyper_laplace``'s) stopped before its convergence criterion
+    was met; the result records why."""
 
 
 def check_finite(field: str, value: Tensor, *, task_ids: Tensor | None = None) -> None:

@@ -25,7 +25,7 @@ from hierbayes.inference import fit
 from hierbayes.inference.evaluation.metrics import evaluate_posterior
 from hierbayes.inference.posteriors.base import PointMassPosterior
 from hierbayes.inference.posteriors.laplace import laplace_posterior
-from hierbayes.inference.posteriors.predictive import DrawsPrediction
+from hierbayes.inference.predictions import DrawsPrediction
 from hierbayes.models import PyroTaskDensity, model_structure
 from hierbayes.tasks import TaskBatch
 

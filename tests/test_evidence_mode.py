@@ -15,8 +15,10 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from hierbayes.inference import TruncatedGradientGuide, fit
-from hierbayes.inference.core.laplace import laplace_log_evidence, prior_precision, select_data
-from hierbayes.inference.core.mode import ModeSearch, log_joint, newton_mode
+from hierbayes.inference.core.evidence import laplace_log_evidence
+from hierbayes.inference.core.laplace import prior_precision, select_data
+from hierbayes.inference.core.joint import log_joint
+from hierbayes.inference.core.mode import ModeSearch, newton_mode
 from hierbayes.inference.svi.llama import LaplaceEvidenceObjective
 from hierbayes.models import TaskDensity
 from hierbayes.tasks import TaskBatch

@@ -11,7 +11,8 @@ import torch
 from torch.testing import assert_close
 
 from hierbayes.inference import TruncatedGradientGuide, fit
-from hierbayes.inference.core.laplace import laplace_log_evidence, linearized_predictive
+from hierbayes.inference.core.evidence import laplace_log_evidence
+from hierbayes.inference.core.laplace import linearized_predictive
 from hierbayes.inference.curvature import CurvatureInputs, build_curvature
 from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
 from hierbayes.inference.svi.llama import (

@@ -1,7 +1,8 @@
 """Inference: the truncated-gradient guide, meta-objectives, ``fit`` and task posteriors."""
 
 from hierbayes.inference.core.inner_loop import gradient_steps
-from hierbayes.inference.core.laplace import laplace_log_evidence, linearized_predictive
+from hierbayes.inference.core.evidence import laplace_log_evidence
+from hierbayes.inference.core.laplace import linearized_predictive
 from hierbayes.inference.evaluation.compare import (
     ComparisonResult,
     ReferenceNotConvergedWarning,
@@ -17,7 +18,7 @@ from hierbayes.inference.posteriors.hyper_laplace import (
     hyper_laplace,
 )
 from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
-from hierbayes.inference.posteriors.predictive import (
+from hierbayes.inference.predictions import (
     CategoricalPrediction,
     GaussianPrediction,
     MixturePrediction,

@@ -1,33 +1,19 @@
-r"""Laplace approximations of each task, as pure functions: its evidence and the pieces of its
-Gaussian posterior and linearised predictive.
+r"""The pieces of each task's Laplace posterior: its prior precision, the data a curvature is
+of, and the linearised predictive.
 
-Around :math:`\hat\phi_j` (the guide's adapted parameters) with :math:`g_j` the gradient and
-:math:`\hat H_j` the curvature of the log joint :math:`\log p(\mathcal D_j\mid\phi) +
-\log p(\phi\mid\theta)`, the second-order expansion integrates to
-
-.. math::
-
-    \log p(\mathcal D_j \mid \theta) \approx \log p(\mathcal D_j\mid\hat\phi_j)
-        + \log p(\hat\phi_j\mid\theta) + \tfrac12 g_j^\top \hat H_j^{-1} g_j
-        - \tfrac12\log\det\hat H_j + \tfrac D2\log 2\pi
-
-(MATH.md §4; Laplace 1774, MacKay 1992). At a mode :math:`g_j = 0` and this is the classical
-Laplace evidence; the :math:`\tfrac12 g^\top\hat H^{-1}g` term (one Newton step) makes it exact
-for the linear-Gaussian model at *any* :math:`\hat\phi_j`, which matters because truncated
-gradient descent stops short of the mode.
-
-The linearised predictive at new inputs is
+The Laplace posterior of task :math:`j` is :math:`\mathcal N(\hat\phi_j, \hat H_j^{-1})`, with
+:math:`\hat H_j = C_j + P` a curvature of the negative log likelihood plus the prior precision
+:math:`P` (:func:`prior_precision`). The linearised predictive at new inputs is
 
 .. math::
 
     y_* \sim \mathcal N\big(f(x_*;\hat\phi_j),\; \sigma^2 + J_*\hat H_j^{-1}J_*^\top\big)
 
-(Immer, Korzepa & Bauer 2021).
+(Immer, Korzepa & Bauer 2021). The evidence is in :mod:`hierbayes.inference.core.evidence`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -37,26 +23,21 @@ from torch import Tensor
 from hierbayes.errors import ModelContractError
 from hierbayes.inference.core.numerics import clamp_nonnegative
 from hierbayes.inference.curvature import (
-    CurvatureBuilder,
     CurvatureEstimate,
     CurvatureInputs,
     GGNCurvature,
-    build_curvature,
     output_jacobian,
 )
-from hierbayes.inference.posteriors.predictive import GaussianPrediction
+from hierbayes.inference.predictions import GaussianPrediction
 from hierbayes.models.density import DiagonalPriorDensity, NetworkDensity, TaskDensity
 
 __all__ = [
-    "laplace_log_evidence",
     "linearized_predictive",
     "noise_variance",
     "predictive_output_variance",
     "prior_precision",
     "select_data",
 ]
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def prior_precision(
@@ -107,54 +88,6 @@ def select_data(
         mq_ = mq if mq is not None else torch.ones(xq.shape[:2], dtype=torch.bool, device=xq.device)
         mask = _concat(ms_, mq_)
     return _concat(xs, xq), _concat(ys, yq), mask
-
-
-def laplace_log_evidence(
-    density: TaskDensity,
-    params: Mapping[str, Tensor],
-    phi: Tensor,
-    x: Tensor,
-    y: Tensor,
-    mask: Tensor | None = None,
-    *,
-    curvature: str | CurvatureBuilder = "ggn",
-    precision: Tensor | None = None,
-    newton_correction: bool = True,
-    create_graph: bool | None = None,
-) -> Tensor:
-    r"""Laplace approximation of :math:`\log p(\mathcal D_j\mid\theta)` per task, ``(T,)``.
-
-    Parameters
-    ----------
-    phi:
-        ``(T, D)`` expansion points (differentiable into :math:`\theta`).
-    x, y, mask:
-        The task data :math:`\mathcal D_j`.
-    curvature:
-        A registered curvature name or builder; ``"full"`` (or ``"ggn"`` for the
-        linear-Gaussian model, where the two coincide) makes the result exact there.
-    precision:
-        Diagonal prior precision ``(T, D)``; by default the model's.
-    newton_correction:
-        Add :math:`\tfrac12 g^\top\hat H^{-1} g` (see the module docstring).
-    """
-    create_graph = torch.is_grad_enabled() if create_graph is None else create_graph
-    T, D = phi.shape
-    P = prior_precision(density, params, T) if precision is None else precision
-    with torch.enable_grad():
-        point = phi if phi.requires_grad else phi.detach().requires_grad_(True)
-        log_joint = density.log_likelihood(params, point, x, y, mask) + density.log_prior(
-            params, point, x
-        )
-        if newton_correction:
-            (grad,) = torch.autograd.grad(log_joint.sum(), point, create_graph=create_graph)
-    estimate = build_curvature(
-        curvature, CurvatureInputs(density, params, point, x, y, mask, P, create_graph)
-    )
-    value = log_joint - 0.5 * estimate.logdet() + 0.5 * D * _LOG_2PI
-    if newton_correction:
-        value = value + 0.5 * estimate.inv_quad(grad)
-    return value if create_graph else value.detach()
 
 
 def noise_variance(

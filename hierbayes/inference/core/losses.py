@@ -48,7 +48,7 @@ from hierbayes.inference.curvature import (
     row_constant,
     safe_cholesky,
 )
-from hierbayes.inference.posteriors.predictive import (
+from hierbayes.inference.predictions import (
     GaussianPrediction,
     Prediction,
     mixture_from_distribution,

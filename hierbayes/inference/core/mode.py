@@ -41,13 +41,13 @@ and §3.3 (the Newton decrement); Boyd & Vandenberghe (2004), §9.5.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from hierbayes.inference.core.joint import log_joint
+from hierbayes.inference.core.mode_report import ModeReport, ModeSearch
 from hierbayes.inference.curvature import (
     CurvatureBuilder,
     CurvatureEstimate,
@@ -56,129 +56,94 @@ from hierbayes.inference.curvature import (
 )
 from hierbayes.models.density import TaskDensity
 
-__all__ = ["ModeReport", "ModeSearch", "log_joint", "newton_mode"]
+__all__ = ["ModeReport", "ModeSearch", "damped_newton", "newton_mode"]
 
-_LOG_2PI = math.log(2 * math.pi)
 #: How often an accepted full step is doubled while the log joint keeps rising.
 _MAX_DOUBLINGS = 3
 
 
-class ModeReport(NamedTuple):
-    r"""Where a mode search ended, detached (what an objective keeps after each call).
+#: ``evaluate(point) -> (value (T,), gradient (T, D), curvature)`` of a Newton search.
+Evaluate = Callable[[Tensor], tuple[Tensor, Tensor, CurvatureEstimate]]
+#: ``value_at(points) -> (T,)``: the objective at trial points, without a graph.
+ValueAt = Callable[[Tensor], Tensor]
 
-    Attributes
-    ----------
-    steps:
-        Newton steps taken.
-    gradient_norm, decrement, distance:
-        ``(T,)`` :math:`\lVert g_j\rVert`, :math:`\tfrac12 g^\top\hat H^{-1}g` and
-        :math:`\sqrt{g^\top\hat H^{-1}g}` at the last iterate.
-    converged:
-        ``(T,)`` whether each task's decrement is within the tolerance.
+
+def damped_newton(
+    start: Tensor,
+    evaluate: Evaluate,
+    value_at: ValueAt,
+    *,
+    steps: int,
+    tolerance: float,
+    max_halvings: int = 10,
+    create_graph: bool = False,
+    line_search: bool = True,
+) -> ModeSearch:
+    r"""The damped, monotone Newton iteration of the module docstring for ``T`` independent
+    problems at once: maximise each row's objective from ``start`` ``(T, D)``.
+
+    ``evaluate`` gives the objective, its gradient and a curvature estimate of its negative
+    Hessian at a point (a graph kept when ``create_graph``); ``value_at`` the objective at
+    trial points for the line search. The mode search of each task
+    (:func:`newton_mode`) and the hyperparameter Laplace's search over the globals
+    (:func:`~hierbayes.inference.posteriors.hyper_laplace.hyper_laplace`, ``T = 1``) are this
+    function. A row whose Newton direction is not finite stays where it was (``failed``), as
+    does a row whose every halving lowered its objective (``rejected``).
     """
-
-    steps: int
-    gradient_norm: Tensor
-    decrement: Tensor
-    distance: Tensor
-    converged: Tensor
-
-
-class ModeSearch(NamedTuple):
-    r"""The result of :func:`newton_mode`: the last iterate and everything known there.
-
-    Attributes
-    ----------
-    phi:
-        ``(T, D)`` the last iterate (differentiable when the search kept a graph).
-    log_joint:
-        ``(T,)`` :math:`\ell_j` at ``phi``.
-    gradient:
-        ``(T, D)`` :math:`g_j` at ``phi``.
-    curvature:
-        :math:`\hat H_j` at ``phi``.
-    decrement:
-        ``(T,)`` :math:`\tfrac12 g^\top\hat H^{-1}g` at ``phi`` (differentiable like ``phi``).
-    history:
-        ``(steps + 1, T)`` the log joint at every iterate, detached (non-decreasing per task).
-    steps:
-        Newton steps taken (``0``: only the starting point was evaluated).
-    rejected:
-        ``(T,)`` whether the task's last step was rejected at every halving (it stopped early).
-    converged:
-        ``(T,)`` whether the task's decrement is within the tolerance.
-    """
-
-    phi: Tensor
-    log_joint: Tensor
-    gradient: Tensor
-    curvature: CurvatureEstimate
-    decrement: Tensor
-    history: Tensor
-    steps: int
-    rejected: Tensor
-    converged: Tensor
-
-    @property
-    def gradient_norm(self) -> Tensor:
-        r""":math:`\lVert g_j\rVert` at ``phi``, ``(T,)``, detached."""
-        return self.gradient.detach().norm(dim=-1)
-
-    @property
-    def distance(self) -> Tensor:
-        r""":math:`\sqrt{g^\top\hat H^{-1}g}`: how many posterior standard deviations (in the
-        :math:`\hat H` norm) ``phi`` lies from the mode, to second order, ``(T,)``, detached."""
-        return (2 * self.decrement.detach()).clamp_min(0.0).sqrt()
-
-    def report(self) -> ModeReport:
-        """The detached summary of this search (no graph, no curvature kept)."""
-        return ModeReport(
-            self.steps,
-            self.gradient_norm,
-            self.decrement.detach(),
-            self.distance,
-            self.converged,
-        )
-
-    def log_evidence(self, *, newton_correction: bool = True) -> Tensor:
-        r"""The Laplace evidence at ``phi``, ``(T,)``:
-
-        .. math::
-
-            \ell_j(\phi) - \tfrac12\log\det\hat H_j + \tfrac D2\log 2\pi
-                \;[+\ \tfrac12 g^\top\hat H^{-1}g],
-
-        the same value as :func:`~hierbayes.inference.core.laplace.laplace_log_evidence` at
-        ``phi``, from the search's own curvature (no second build).
-
-        After a search (``steps > 0``) the correction is added only for the tasks that
-        converged, where it is below the tolerance and the quadratic model it extrapolates is
-        accurate. A task that stopped short keeps its log joint at the last iterate, which
-        lies below the log joint at the mode: far from the mode the quadratic model's
-        :math:`\tfrac12 g^\top\hat H^{-1}g` can be far above the true gain (a Gauss--Newton
-        :math:`\hat H` of a classifier made "-log evidence" of discrete labels negative,
-        repro_12), and meta-training would exploit it. With ``steps = 0`` the correction is
-        applied everywhere: one Newton step from any point, exact for the linear-Gaussian
-        model."""
-        D = self.phi.shape[-1]
-        value = self.log_joint - 0.5 * self.curvature.logdet() + 0.5 * D * _LOG_2PI
-        if not newton_correction:
-            return value
-        if self.steps == 0:
-            return value + self.decrement
-        return value + torch.where(self.converged, self.decrement, torch.zeros_like(value))
-
-
-def log_joint(
-    density: TaskDensity,
-    params: Mapping[str, Tensor],
-    phi: Tensor,
-    x: Tensor,
-    y: Tensor,
-    mask: Tensor | None = None,
-) -> Tensor:
-    r""":math:`\log p(y_j\mid\phi_j, x_j) + \log p(\phi_j\mid\theta)`, ``(T,)``."""
-    return density.log_likelihood(params, phi, x, y, mask) + density.log_prior(params, phi, x)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0; got {tolerance}")
+    if max_halvings < 0:
+        raise ValueError(f"max_halvings must be >= 0; got {max_halvings}")
+    T = start.shape[0]
+    rounding = 8 * torch.finfo(start.dtype).eps
+    stopped = torch.zeros(T, dtype=torch.bool, device=start.device)
+    failed = torch.zeros(T, dtype=torch.bool, device=start.device)
+    history: list[Tensor] = []
+    taken = 0
+    point = start
+    while True:
+        value, grad, estimate = evaluate(point)
+        if create_graph:
+            direction = estimate.solve(grad)
+        else:
+            with torch.no_grad():
+                direction = estimate.solve(grad)
+        finite = torch.isfinite(direction.detach()).all(-1)
+        failed = failed | ~finite
+        safe = torch.where(finite.unsqueeze(-1), direction, torch.zeros_like(direction))
+        decrement = 0.5 * (grad * safe).sum(-1)
+        current = value.detach()
+        history.append(current)
+        if line_search:
+            converged = decrement.detach() <= torch.clamp(
+                rounding * (1 + current.abs()), min=tolerance
+            )
+        else:
+            converged = torch.full_like(finite, taken == steps)
+        active = ~converged & ~stopped & ~failed
+        if taken == steps or not bool(active.any()):
+            return ModeSearch(
+                point,
+                value,
+                grad,
+                estimate,
+                decrement,
+                torch.stack(history),
+                taken,
+                stopped,
+                converged & ~failed,
+                failed,
+            )
+        if line_search:
+            step = _line_search(value_at, point, safe, current, active, max_halvings)
+            stopped = stopped | (active & (step == 0))
+            # a rejected or failed row keeps its point exactly (0 * NaN would be NaN)
+            point = torch.where((step > 0).unsqueeze(-1), point + step.unsqueeze(-1) * safe, point)
+        else:
+            point = point + safe
+        taken += 1
 
 
 def newton_mode(
@@ -189,12 +154,13 @@ def newton_mode(
     y: Tensor,
     mask: Tensor | None = None,
     *,
-    precision: Tensor,
+    precision: Tensor | None = None,
     curvature: str | CurvatureBuilder = "ggn",
     steps: int = 5,
     tolerance: float = 1e-4,
     max_halvings: int = 10,
     create_graph: bool | None = None,
+    line_search: bool = True,
 ) -> ModeSearch:
     r"""Damped, monotone Newton steps towards each task's mode (see the module docstring).
 
@@ -207,7 +173,9 @@ def newton_mode(
     x, y, mask:
         ``(T, N, ...)``, ``(T, N, ...)``, optional ``(T, N)``: the data of the log joint.
     precision:
-        ``(T, D)`` diagonal prior precision :math:`P` the curvature adds.
+        ``(T, D)`` diagonal prior precision :math:`P` the curvature adds (``None`` for a
+        builder that takes the prior from the density, as
+        :func:`~hierbayes.inference.core.evidence.exact_hessian` does).
     curvature:
         A registered curvature name or a builder.
     steps:
@@ -220,100 +188,80 @@ def newton_mode(
         How often a step that does not raise the log joint is halved before it is rejected.
     create_graph:
         Keep the iteration differentiable (meta-training); by default when gradients are on.
+    line_search:
+        ``False`` takes exactly ``steps`` full Newton steps on every task, without tests or
+        stopping: from a mode found without a graph, two such steps with a graph make the
+        mode a differentiable function of the globals, exact to third order (Newton's
+        quadratic convergence), as the hyperparameter Laplace needs.
 
     Returns
     -------
     ModeSearch
-        The last iterate with its log joint, gradient, curvature and decrement.
+        The last iterate with its log joint, gradient, curvature and decrement
+        (:func:`damped_newton`).
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0; got {steps}")
-    if not tolerance >= 0:
-        raise ValueError(f"tolerance must be >= 0; got {tolerance}")
-    if max_halvings < 0:
-        raise ValueError(f"max_halvings must be >= 0; got {max_halvings}")
-    create_graph = torch.is_grad_enabled() if create_graph is None else create_graph
-    if not create_graph:
+    graph = torch.is_grad_enabled() if create_graph is None else create_graph
+    if not graph:
         phi = phi.detach()
         params = {k: v.detach() for k, v in params.items()}
-        precision = precision.detach()
-    T = phi.shape[0]
-    rounding = 8 * torch.finfo(phi.dtype).eps
-    stopped = torch.zeros(T, dtype=torch.bool, device=phi.device)
-    history: list[Tensor] = []
-    taken = 0
-    while True:
+        precision = None if precision is None else precision.detach()
+    # builders of the full joint (exact_hessian) read the prior from the density, not P
+    P = torch.ones_like(phi.detach()) if precision is None else precision
+
+    def evaluate(point: Tensor) -> tuple[Tensor, Tensor, CurvatureEstimate]:
         with torch.enable_grad():
-            point = phi if phi.requires_grad else phi.detach().requires_grad_(True)
+            if not point.requires_grad:
+                point = point.detach().requires_grad_(True)
             value = log_joint(density, params, point, x, y, mask)
-            (grad,) = torch.autograd.grad(value.sum(), point, create_graph=create_graph)
-        if create_graph:
-            estimate = build_curvature(
-                curvature, CurvatureInputs(density, params, point, x, y, mask, precision, True)
-            )
-            direction = estimate.solve(grad)
-        else:
-            point, value, grad = point.detach(), value.detach(), grad.detach()
-            with torch.no_grad():
-                estimate = build_curvature(
-                    curvature, CurvatureInputs(density, params, point, x, y, mask, precision, False)
-                )
-                direction = estimate.solve(grad)
-        decrement = 0.5 * (grad * direction).sum(-1)
-        current = value.detach()
-        history.append(current)
-        converged = decrement.detach() <= torch.clamp(rounding * (1 + current.abs()), min=tolerance)
-        active = ~converged & ~stopped
-        if taken == steps or not bool(active.any()):
-            return ModeSearch(
-                point,
-                value,
-                grad,
-                estimate,
-                decrement,
-                torch.stack(history),
-                taken,
-                stopped,
-                converged,
-            )
-        step = _line_search(
-            density, params, point, x, y, mask, direction, current, active, max_halvings
-        )
-        stopped = stopped | (active & (step == 0))
-        phi = point + step.unsqueeze(-1) * direction
-        taken += 1
+            (grad,) = torch.autograd.grad(value.sum(), point, create_graph=graph)
+        inputs = CurvatureInputs(density, params, point, x, y, mask, P, graph)
+        if graph:
+            return value, grad, build_curvature(curvature, inputs)
+        with torch.no_grad():
+            estimate = build_curvature(curvature, inputs)
+        return value.detach(), grad.detach(), estimate
+
+    frozen = {k: v.detach() for k, v in params.items()}
+
+    def value_at(points: Tensor) -> Tensor:
+        return log_joint(density, frozen, points, x, y, mask)
+
+    return damped_newton(
+        phi,
+        evaluate,
+        value_at,
+        steps=steps,
+        tolerance=tolerance,
+        max_halvings=max_halvings,
+        create_graph=graph,
+        line_search=line_search,
+    )
 
 
 def _line_search(
-    density: TaskDensity,
-    params: Mapping[str, Tensor],
-    phi: Tensor,
-    x: Tensor,
-    y: Tensor,
-    mask: Tensor | None,
+    value_at: ValueAt,
+    point: Tensor,
     direction: Tensor,
     current: Tensor,
     active: Tensor,
     max_halvings: int,
 ) -> Tensor:
-    r"""Per-task step sizes :math:`\alpha` ``(T,)`` along the Newton direction.
+    r"""Per-row step sizes :math:`\alpha` ``(T,)`` along the Newton direction.
 
-    The largest of :math:`1, \tfrac12, \ldots, 2^{-H}` that does not lower the log joint;
-    ``0`` where none does and for inactive tasks. Where the full step is accepted,
-    :math:`\alpha = 2, 4, 8` are tried while each raises the log joint further: a curvature
+    The largest of :math:`1, \tfrac12, \ldots, 2^{-H}` that does not lower the objective;
+    ``0`` where none does and for inactive rows. Where the full step is accepted,
+    :math:`\alpha = 2, 4, 8` are tried while each raises the objective further: a curvature
     that overstates the Hessian (a Fisher far from the mode of a heavy-tailed likelihood) gives
-    steps too short to reach the mode in a few iterations otherwise. For a quadratic log joint
+    steps too short to reach the mode in a few iterations otherwise. For a quadratic objective
     (the linear-Gaussian model) :math:`\alpha = 2` returns to the starting value and is never
     taken. Only decides (no graph); NaN trial values are rejected.
     """
     with torch.no_grad():
-        base, move = phi.detach(), direction.detach()
-        values = {k: v.detach() for k, v in params.items()}
-        pending = active & torch.isfinite(move).all(-1)
-        move = torch.where(pending.unsqueeze(-1), move, torch.zeros_like(move))
+        base, move = point.detach(), direction.detach()
+        pending = active.clone()
 
         def at(alpha: Tensor) -> Tensor:
-            return log_joint(density, values, base + alpha.unsqueeze(-1) * move, x, y, mask)
+            return value_at(base + alpha.unsqueeze(-1) * move)
 
         alpha = torch.ones_like(current)
         chosen = torch.zeros_like(current)

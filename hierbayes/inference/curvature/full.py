@@ -4,11 +4,12 @@ r"""The exact Hessian of the negative log posterior (small ``D`` only).
 
     \hat H_j = -\nabla^2_\phi \log p(\mathcal D_j \mid \phi)\big|_{\hat\phi_j} + P_j
 
-built with ``D`` batched reverse-mode passes over the gradient (``is_grads_batched``), all tasks
-at once; memory is ``T·D²``. Away from a mode, and for non-convex networks, the Hessian can be
-indefinite: then, with a :class:`UserWarning`, its eigenvalues below the task's smallest prior
-precision are raised to that value (the prior's curvature is the floor), which keeps
-:math:`\hat H` positive definite and its log determinant finite.
+built with ``D`` batched reverse-mode passes over the gradient, all tasks at once
+(:func:`~hierbayes.inference.core.joint.batched_hessian`); memory is ``T·D²``. Away from a
+mode, and for non-convex networks, the Hessian can be indefinite: then, with a
+:class:`UserWarning`, its eigenvalues below the task's smallest prior precision are raised to
+that value (the prior's curvature is the floor), which keeps :math:`\hat H` positive definite
+and its log determinant finite.
 
 That repair :math:`V\max(\Lambda, \tau)V^\top` is a spectral function, differentiated by the
 Daleckii--Krein formula :math:`d\hat H = V(\Gamma\circ V^\top dH\,V)V^\top` with divided
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hierbayes.inference.core.joint import batched_hessian
 from hierbayes.inference.curvature.base import CurvatureInputs
 from hierbayes.inference.curvature.dense import DenseCurvature
 
@@ -75,25 +77,16 @@ class FullHessianCurvature(DenseCurvature):
 
 
 def full_hessian(inputs: CurvatureInputs) -> FullHessianCurvature:
-    """Build :class:`FullHessianCurvature` (registered as ``"full"``)."""
-    phi = inputs.phi
-    T, D = phi.shape
-    with torch.enable_grad():
-        if not phi.requires_grad or not inputs.create_graph:
-            phi = phi.detach().requires_grad_(True)
-        nll = -inputs.density.log_likelihood(
-            inputs.params, phi, inputs.x, inputs.y, inputs.mask
-        ).sum()
-        (grad,) = torch.autograd.grad(nll, phi, create_graph=True)
-        eye = torch.eye(D, dtype=phi.dtype, device=phi.device).reshape(D, 1, D).expand(D, T, D)
-        (rows,) = torch.autograd.grad(
-            grad, phi, grad_outputs=eye, is_grads_batched=True, create_graph=inputs.create_graph
-        )
-    hessian = rows.permute(1, 0, 2)
-    if not inputs.create_graph:
-        hessian = hessian.detach()
+    r"""Build :class:`FullHessianCurvature` (registered as ``"full"``): the exact Hessian of
+    :math:`-\log p(\mathcal D_j\mid\phi)` (:func:`~hierbayes.inference.core.joint.batched_hessian`)
+    plus the diagonal prior precision."""
+
+    def log_likelihood(phi: Tensor) -> Tensor:
+        return inputs.density.log_likelihood(inputs.params, phi, inputs.x, inputs.y, inputs.mask)
+
+    _, _, hessian = batched_hessian(log_likelihood, inputs.phi, create_graph=inputs.create_graph)
     prior = inputs.prior_precision_matrix()
-    hessian = 0.5 * (hessian + hessian.transpose(1, 2)) + torch.diag_embed(prior)
+    hessian = -hessian + torch.diag_embed(prior)
     chol, info = torch.linalg.cholesky_ex(hessian)
     bad = (info > 0).nonzero().flatten().tolist()
     if bad:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.posteriors.predictive import (
+from hierbayes.inference.predictions import (
     CategoricalPrediction,
     DrawsPrediction,
     as_targets,
@@ -48,7 +48,7 @@ class TaskMetrics:
     correct labels (classification, and 0/1 labels of a Bernoulli observation, whose ``mse``
     is then the Brier score). Any observation distribution of the model is scored: where the
     predictive has no closed form it is a mixture over draws
-    (:class:`~hierbayes.inference.posteriors.predictive.DrawsPrediction`): NLL by log-mean-exp
+    (:class:`~hierbayes.inference.predictions.DrawsPrediction`): NLL by log-mean-exp
     over the draws, intervals from its quantiles.
     """
 
@@ -123,7 +123,8 @@ def evaluate_posterior(
 
         nll = per_task(-prediction.log_prob(yq))
         if isinstance(prediction, CategoricalPrediction):
-            correct = (prediction.probs.argmax(-1) == yq).to(weights.dtype)
+            labels = as_targets(yq, prediction.probs.shape[:-1])
+            correct = (prediction.probs.argmax(-1) == labels).to(weights.dtype)
             return TaskMetrics(nll=nll, accuracy=per_task(correct), points=counts)
         err = (prediction.mean - as_targets(yq, prediction.mean)).square()
         mse = per_task(err.reshape(*err.shape[:2], -1).mean(-1))
@@ -131,6 +132,7 @@ def evaluate_posterior(
         accuracy = None
         if isinstance(prediction, DrawsPrediction) and prediction.binary:
             # 0/1 labels: mse is the Brier score; accuracy of the label with p > 1/2
-            correct = ((prediction.mean > 0.5).to(yq.dtype) == yq).to(weights.dtype)
+            labels = as_targets(yq, prediction.mean)
+            correct = ((prediction.mean > 0.5).to(yq.dtype) == labels).to(weights.dtype)
             accuracy = per_task(correct.reshape(*correct.shape[:2], -1).mean(-1))
         return TaskMetrics(nll=nll, mse=mse, accuracy=accuracy, coverage=coverage, points=counts)

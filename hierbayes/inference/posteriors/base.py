@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hierbayes.inference.posteriors.predictive import Prediction, prediction_from_distribution
+from hierbayes.inference.predictions import Prediction, prediction_from_distribution
 from hierbayes.models.density import TaskDensity
 
 __all__ = ["PointMassPosterior", "TaskPosterior"]

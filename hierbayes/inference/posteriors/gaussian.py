@@ -25,7 +25,7 @@ from hierbayes.inference.core.numerics import nonnegative_eigenvalues
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.linearized import linearized_gaussian
 from hierbayes.inference.posteriors.mixture import predict_from_draws
-from hierbayes.inference.posteriors.predictive import Prediction
+from hierbayes.inference.predictions import Prediction
 from hierbayes.models.density import TaskDensity
 
 __all__ = [

@@ -83,10 +83,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from hierbayes.errors import NumericalError
-from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.posteriors.joint import predict_from_joint_draws
-from hierbayes.inference.posteriors.predictive import Prediction
+from hierbayes.errors import NumericalError, UnconvergedWarning
+from hierbayes.inference.core.joint import batched_hessian
+from hierbayes.inference.posteriors.global_search import search_globals
+from hierbayes.inference.posteriors.hyper_posterior import HyperLaplacePosterior
 from hierbayes.inference.posteriors.task_modes import (
     TaskModes,
     log_marginal,
@@ -105,100 +105,6 @@ __all__ = ["HyperLaplace", "HyperLaplacePosterior", "hyper_laplace", "task_modes
 Quadrature = Literal["cubature", "draws", "mode"]
 #: Degrees of freedom of the Student-t proposal of importance-weighted draws.
 IMPORTANCE_DF = 4
-
-
-class HyperLaplacePosterior(TaskPosterior):
-    r"""Task posteriors integrated over the globals: :math:`\sum_k w_k\,\mathcal N(m_{jk}, C_{jk})`.
-
-    Attributes
-    ----------
-    mean:
-        ``(T, D)`` mixture means :math:`m_j`.
-    component_means, component_covariances, weights:
-        ``(K, T, D)``, ``(K, T, D, D)`` and ``(K,)``: the per-node Laplace posteriors.
-    node_params:
-        Each global site's value at the nodes, ``(K, *site_shape)``.
-    fixed:
-        Global values not integrated over (``pyro.param`` sites).
-    params:
-        The globals at :math:`T(\hat u)` (over ``fixed``).
-    """
-
-    def __init__(
-        self,
-        density: TaskDensity,
-        params: Mapping[str, Tensor],
-        fixed: Mapping[str, Tensor],
-        node_params: Mapping[str, Tensor],
-        component_means: Tensor,
-        component_covariances: Tensor,
-        weights: Tensor,
-        *,
-        wall_time: float = math.nan,
-    ) -> None:
-        w = weights.to(component_means)
-        mean = torch.einsum("k,ktd->td", w, component_means)
-        super().__init__(density, params, mean)
-        self.fixed = {k: v.detach() for k, v in fixed.items()}
-        self.node_params = {k: v.detach() for k, v in node_params.items()}
-        self.component_means = component_means.detach()
-        self.component_covariances = component_covariances.detach()
-        self.weights = w.detach()
-        self.wall_time = float(wall_time)
-        self._factors = torch.linalg.cholesky(self.component_covariances)
-
-    def covariance(self) -> Tensor:
-        r"""The mixture covariance ``(T, D, D)`` (law of total covariance)."""
-        m = self.component_means
-        second = self.component_covariances + m.unsqueeze(-1) * m.unsqueeze(-2)
-        total = torch.einsum("k,ktde->tde", self.weights, second)
-        return total - self.mean.unsqueeze(-1) * self.mean.unsqueeze(-2)
-
-    @property
-    def sd(self) -> Tensor:
-        """Marginal standard deviations ``(T, D)``."""
-        return self.covariance().diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
-
-    def _draw(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Node indices ``(n,)`` (by weight) and draws of :math:`\\phi` ``(n, T, D)``."""
-        device = self.mean.device
-        k = torch.multinomial(self.weights.to(device), n, replacement=True, generator=generator)
-        z = torch.randn(
-            (n, *self.mean.shape), generator=generator, dtype=self.mean.dtype, device=device
-        )
-        phi = self.component_means[k] + torch.einsum("stde,ste->std", self._factors[k], z)
-        return k, phi
-
-    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
-        r"""Draws of :math:`\phi` ``(num_samples, T, D)`` from the mixture: a node by its
-        weight, then the node's Gaussian (one node per draw, shared by the tasks)."""
-        return self._draw(num_samples, generator)[1]
-
-    def joint_draws(
-        self, num_chains: int, num_draws: int, *, seed: int = 0
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        r"""``num_chains·num_draws`` joint draws: the node's globals and :math:`\phi`."""
-        generator = torch.Generator(device=self.mean.device).manual_seed(seed)
-        k, phi = self._draw(num_chains * num_draws, generator)
-        globals_ = {
-            name: value[k].reshape(num_chains, num_draws, *value.shape[1:])
-            for name, value in self.node_params.items()
-        }
-        return globals_, phi.reshape(num_chains, num_draws, *phi.shape[1:])
-
-    def predict(
-        self,
-        x: Tensor,
-        *,
-        num_samples: int = 200,
-        generator: torch.Generator | None = None,
-        **_: Any,
-    ) -> Prediction:
-        r"""The mixture :math:`\frac1S\sum_s p(y\mid x, \phi^{(s)}, \theta^{(s)})` over
-        ``num_samples`` joint draws."""
-        k, phi = self._draw(num_samples, generator)
-        globals_ = {name: value[k] for name, value in self.node_params.items()}
-        return predict_from_joint_draws(self.density, self.fixed, globals_, phi, x)
 
 
 @dataclass
@@ -227,6 +133,9 @@ class HyperLaplace:
     newton_steps, gradient_norm:
         Newton steps taken on :math:`\mathcal L` and :math:`\lVert\nabla_u\mathcal L\rVert` at
         the end.
+    converged, stop_reason:
+        Whether the search over the globals reached its tolerance, and why it stopped (a
+        search that ran out of ``max_steps`` or whose line search failed warns).
     wall_time:
         Seconds for everything (optimisation, Hessian, nodes).
     """
@@ -243,6 +152,8 @@ class HyperLaplace:
     gradient_norm: float
     wall_time: float
     quadrature: str
+    converged: bool = True
+    stop_reason: str = ""
 
     @property
     def sd(self) -> Tensor:
@@ -362,52 +273,40 @@ def hyper_laplace(
     fixed = {k: v for k, v in start.items() if k not in coords.sites}
     x, y, mask = tasks.support_x, tasks.support_y, tasks.support_mask
 
-    def evaluate(u: Tensor, modes: TaskModes) -> tuple[Tensor, Tensor, Tensor]:
-        u = u.detach().requires_grad_(True)
-        value = log_marginal(u, coords, fixed, density, modes.phi, x, y, mask)
-        (grad,) = torch.autograd.grad(value, u, create_graph=True)
-        rows = [torch.autograd.grad(grad[i], u, retain_graph=True)[0] for i in range(u.numel())]
-        hess = torch.stack(rows)
-        return value.detach(), grad.detach(), 0.5 * (hess + hess.T).detach()
+    def derivatives(u: Tensor, modes: TaskModes) -> tuple[Tensor, Tensor, Tensor]:
+        def marginal(point: Tensor) -> Tensor:  # (1, K) -> (1,)
+            return log_marginal(point[0], coords, fixed, density, modes.phi, x, y, mask)[None]
+
+        value, grad, hess = batched_hessian(marginal, u[None].detach(), create_graph=False)
+        return value[0], grad[0], hess[0]
 
     def modes_at(u: Tensor, start_phi: Tensor | None) -> TaskModes:
         with torch.no_grad():
             values, _ = coords.unpack(u, fixed)
         return task_modes(density, values, x, y, mask, start=start_phi)
 
-    u = coords.pack(start).detach()
-    modes = modes_at(u, None)
-    value, grad, hess = evaluate(u, modes)
-    steps = 0
-    for steps in range(1, max_steps + 1):
-        precision = -hess
-        L, info = torch.linalg.cholesky_ex(precision)
-        if int(info) == 0:
-            direction = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
-        else:  # not concave here: a gradient step scaled by the curvature's size
-            direction = grad / precision.diagonal().abs().clamp_min(1.0)
-        decrement = 0.5 * float(grad @ direction)
-        if int(info) == 0 and decrement < tolerance:
-            steps -= 1
-            break
-        alpha = 1.0
-        for _ in range(30):
-            trial = u + alpha * direction
-            try:
-                trial_modes = modes_at(trial, modes.phi)
-                with torch.no_grad():
-                    trial_value = log_marginal(
-                        trial, coords, fixed, density, trial_modes.phi, x, y, mask
-                    )
-            except NumericalError:
-                trial_value = torch.tensor(-math.inf)
-            if bool(torch.isfinite(trial_value)) and float(trial_value) >= float(value) - 1e-12:
-                break
-            alpha *= 0.5
-        else:
-            break
-        u, modes = trial, trial_modes
-        value, grad, hess = evaluate(u, modes)
+    def value_of(u: Tensor, modes: TaskModes) -> Tensor:
+        return log_marginal_at_modes(u, coords, fixed, density, modes, x)
+
+    search = search_globals(
+        coords.pack(start).detach(),
+        modes_at,
+        value_of,
+        derivatives,
+        max_steps=max_steps,
+        tolerance=tolerance,
+    )
+    u, modes, value, grad, hess = search.u, search.modes, search.value, search.grad, search.hess
+    if not search.converged:
+        warnings.warn(
+            f"hyper_laplace stopped before the optimum of the log marginal posterior of the "
+            f"globals: {search.reason}. The Gaussian over the globals is centred off the mode "
+            f"(gradient norm {float(grad.norm()):.3g}). Raise max_steps (now {max_steps}), "
+            "start from a converged fit (hyper_laplace(fit(...), tasks)), or compute in float64; "
+            "HyperLaplace.converged and .stop_reason record it",
+            UnconvergedWarning,
+            stacklevel=2,
+        )
     precision = -hess
     L, info = torch.linalg.cholesky_ex(precision)
     if int(info) != 0:
@@ -490,8 +389,10 @@ def hyper_laplace(
         log_marginal=float(value),
         task_posteriors=mixed,
         empirical_bayes=single,
-        newton_steps=steps,
+        newton_steps=search.steps,
         gradient_norm=float(grad.norm()),
+        converged=search.converged,
+        stop_reason=search.reason,
         wall_time=wall,
         quadrature=quadrature,
     )

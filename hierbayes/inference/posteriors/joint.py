@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from hierbayes.inference.posteriors.predictive import (
+from hierbayes.inference.predictions import (
     CategoricalPrediction,
     GaussianPrediction,
     MixturePrediction,

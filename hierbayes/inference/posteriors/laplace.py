@@ -27,7 +27,7 @@ from hierbayes.inference.curvature import (
     build_curvature,
 )
 from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.posteriors.predictive import (
+from hierbayes.inference.predictions import (
     CategoricalPrediction,
     GaussianPrediction,
     Prediction,

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from hierbayes.inference.core.numerics import clamp_nonnegative
 from hierbayes.inference.curvature import CurvatureInputs, output_jacobian
-from hierbayes.inference.posteriors.predictive import (
+from hierbayes.inference.predictions import (
     GaussianPrediction,
     prediction_from_distribution,
 )

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from hierbayes.inference.posteriors.predictive import (
+from hierbayes.inference.predictions import (
     MixturePrediction,
     Prediction,
     mixture_from_distribution,
@@ -27,7 +27,7 @@ from hierbayes.models.density import TaskDensity
 
 __all__ = ["PerDrawNoiseMixture", "predict_from_draws"]
 
-#: Kept as a name: :class:`~hierbayes.inference.posteriors.predictive.MixturePrediction` takes
+#: Kept as a name: :class:`~hierbayes.inference.predictions.MixturePrediction` takes
 #: one noise variance per draw itself.
 PerDrawNoiseMixture = MixturePrediction
 

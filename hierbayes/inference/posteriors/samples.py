@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.mixture import predict_from_draws
-from hierbayes.inference.posteriors.predictive import Prediction
+from hierbayes.inference.predictions import Prediction
 from hierbayes.models.density import TaskDensity
 
 __all__ = [

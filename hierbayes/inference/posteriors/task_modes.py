@@ -14,84 +14,32 @@ exact for linear-Gaussian groups.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from hierbayes.errors import NumericalError
+from hierbayes.inference.core.evidence import exact_hessian
+from hierbayes.inference.core.mode import newton_mode
+from hierbayes.inference.core.mode_report import ModeReport
 from hierbayes.inference.posteriors.unconstrained import GlobalCoordinates
 from hierbayes.models.density import TaskDensity
 
 __all__ = ["TaskModes", "log_marginal", "log_marginal_at_modes", "task_modes"]
 
-_LOG_2PI = math.log(2 * math.pi)
-
-
-# -- each task's mode and Hessian given the globals --------------------------------------------
-
-
-def _log_joint(
-    density: TaskDensity,
-    params: Mapping[str, Tensor],
-    phi: Tensor,
-    x: Tensor,
-    y: Tensor,
-    mask: Tensor | None,
-) -> Tensor:
-    return density.log_likelihood(params, phi, x, y, mask) + density.log_prior(params, phi, x)
-
-
-def _derivatives(
-    density: TaskDensity,
-    params: Mapping[str, Tensor],
-    phi: Tensor,
-    x: Tensor,
-    y: Tensor,
-    mask: Tensor | None,
-    create_graph: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``(ell, g, H)``: :math:`\ell_j` ``(T,)``, its gradient ``(T, D)`` and
-    :math:`H_j = -\nabla^2\ell_j` ``(T, D, D)`` (``D`` reverse passes; the tasks are independent,
-    so the Hessian of the sum is block diagonal)."""
-    if not phi.requires_grad:
-        phi = phi.detach().requires_grad_(True)
-    with torch.enable_grad():
-        ell = _log_joint(density, params, phi, x, y, mask)
-        (g,) = torch.autograd.grad(ell.sum(), phi, create_graph=True)
-        rows = [
-            torch.autograd.grad(g[:, d].sum(), phi, create_graph=create_graph, retain_graph=True)[0]
-            for d in range(phi.shape[-1])
-        ]
-    H = -torch.stack(rows, dim=1)
-    H = 0.5 * (H + H.transpose(-1, -2))
-    if not create_graph:
-        return ell.detach(), g.detach(), H.detach()
-    return ell, g, H
-
-
-def _cholesky(H: Tensor, what: str) -> Tensor:
-    L, info = torch.linalg.cholesky_ex(H)
-    if bool((info != 0).any()):
-        bad = [int(i) for i in (info != 0).nonzero().flatten()[:5]]
-        raise NumericalError(
-            f"{what} is not positive definite (task(s) {bad}): the log joint is not concave "
-            "there, so it has no Laplace approximation; check the model or the globals"
-        )
-    return L
-
 
 @dataclass(frozen=True)
 class TaskModes:
     r"""Each task's mode :math:`\phi^*_j` ``(T, D)``, Hessian :math:`H_j` ``(T, D, D)`` and
-    Laplace log evidence ``(T,)`` at given globals, with the Newton steps taken."""
+    Laplace log evidence ``(T,)`` at given globals, with the Newton steps taken and the
+    search's report (per task: converged, decrement, gradient norm)."""
 
     phi: Tensor
     hessian: Tensor
     log_evidence: Tensor
     steps: int
+    report: ModeReport
 
 
 def task_modes(
@@ -105,40 +53,43 @@ def task_modes(
     max_steps: int = 50,
     tolerance: float = 1e-10,
 ) -> TaskModes:
-    r"""Every task's mode by damped Newton steps with the exact Hessian (no graph).
+    r"""Every task's mode by the damped Newton search of
+    :func:`~hierbayes.inference.core.mode.newton_mode` with the exact Hessian of its log
+    joint (:func:`~hierbayes.inference.core.evidence.exact_hessian`), no graph.
 
-    A step that lowers a task's log joint is halved (up to 20 times); a task stops when its
-    Newton decrement :math:`\tfrac12 g^\top H^{-1} g` is below ``tolerance``. ``start``
-    ``(T, D)`` defaults to the prior mean. Raises
-    :class:`~hierbayes.errors.NumericalError` where :math:`H_j` is not positive definite."""
+    A task stops when its Newton decrement :math:`\tfrac12 g^\top H^{-1} g` is below
+    ``tolerance``; ``start`` ``(T, D)`` defaults to the prior mean. Raises
+    :class:`~hierbayes.errors.NumericalError` where :math:`H_j` is not positive definite or a
+    task's Newton direction is not finite."""
     params = {k: v.detach() for k, v in params.items()}
-    phi = (density.prior_mean(params, x) if start is None else start).detach().clone()
+    phi = (density.prior_mean(params, x) if start is None else start).detach()
     phi = phi.expand(x.shape[0], phi.shape[-1]).clone()
-    ell, g, H = _derivatives(density, params, phi, x, y, mask, create_graph=False)
-    steps = 0
-    for steps in range(1, max_steps + 1):
-        L = _cholesky(H, "the Hessian of a task's log joint")
-        direction = torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
-        decrement = 0.5 * (g * direction).sum(-1)
-        active = decrement > tolerance
-        if not bool(active.any()):
-            steps -= 1
-            break
-        alpha = torch.ones_like(decrement)
-        for _ in range(20):
-            trial = phi + (alpha * active).unsqueeze(-1) * direction
-            with torch.no_grad():
-                new = _log_joint(density, params, trial, x, y, mask)
-            worse = active & ~(new >= ell - 1e-12 * ell.abs())
-            if not bool(worse.any()):
-                break
-            alpha = torch.where(worse, 0.5 * alpha, alpha)
-        phi = trial
-        ell, g, H = _derivatives(density, params, phi, x, y, mask, create_graph=False)
-    L = _cholesky(H, "the Hessian of a task's log joint at its mode")
-    logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    D = phi.shape[-1]
-    return TaskModes(phi, H, ell - 0.5 * logdet + 0.5 * D * _LOG_2PI, steps)
+    search = newton_mode(
+        density,
+        params,
+        phi,
+        x,
+        y,
+        mask,
+        curvature=exact_hessian,
+        steps=max_steps,
+        tolerance=tolerance,
+        max_halvings=20,
+        create_graph=False,
+    )
+    report = search.report()
+    if report.failed_tasks:
+        raise NumericalError(
+            f"the Newton search for the modes of task(s) {report.failed_tasks[:5]} met a "
+            "direction that is not finite: check the model or the globals"
+        )
+    return TaskModes(
+        search.phi,
+        search.curvature.to_dense(),
+        search.log_evidence(newton_correction=False),
+        search.steps,
+        report,
+    )
 
 
 def log_marginal(
@@ -153,17 +104,23 @@ def log_marginal(
     jacobian: bool = True,
 ) -> Tensor:
     r""":math:`\mathcal L(u)`, differentiable (to second order) through the task modes: two
-    exact Newton steps with a graph from ``mode`` (the mode at ``u``, detached)."""
+    full Newton steps with the exact Hessian and a graph from ``mode`` (the mode at ``u``,
+    detached), then the Laplace evidence there."""
     params, log_jacobian = coords.unpack(u, fixed)
-    phi = mode.detach().requires_grad_(True)
-    for _ in range(2):
-        _, g, H = _derivatives(density, params, phi, x, y, mask, create_graph=True)
-        L = _cholesky(H, "the Hessian of a task's log joint")
-        phi = phi + torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
-    ell, _, H = _derivatives(density, params, phi, x, y, mask, create_graph=True)
-    L = _cholesky(H, "the Hessian of a task's log joint")
-    logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    evidence = ell - 0.5 * logdet + 0.5 * phi.shape[-1] * _LOG_2PI
+    search = newton_mode(
+        density,
+        params,
+        mode.detach(),
+        x,
+        y,
+        mask,
+        curvature=exact_hessian,
+        steps=2,
+        tolerance=0.0,
+        create_graph=True,
+        line_search=False,
+    )
+    evidence = search.log_evidence(newton_correction=False)
     total = evidence.sum() + density.log_hyperprior(params, x)
     return total + log_jacobian if jacobian else total
 

@@ -17,7 +17,7 @@ from hierbayes.inference.core.laplace import prior_precision
 from hierbayes.inference.core.mode import newton_mode
 from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior
 from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.posteriors.predictive import Prediction
+from hierbayes.inference.predictions import Prediction
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.svi.llama import LaplaceEvidenceObjective, LaplaceObjective
 from hierbayes.inference.svi.objectives import MetaObjective

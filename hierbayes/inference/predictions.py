@@ -27,6 +27,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
+from hierbayes.errors import TaskDataError
+
 __all__ = [
     "CategoricalPrediction",
     "DrawsPrediction",
@@ -44,13 +46,29 @@ def _normal_quantile(level: float) -> float:
     return math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(level, dtype=torch.float64)))
 
 
-def as_targets(y: Tensor, like: Tensor) -> Tensor:
-    """``y`` shaped like the predictive's ``(T, N, C)`` outputs: targets ``(T, N)`` of a
-    program that observes one value per point gain the trailing output axis (``C = 1``), so
-    that they never broadcast against it."""
-    if y.dim() == like.dim() - 1 and like.shape[-1] == 1 and y.shape == like.shape[:-1]:
-        return y.unsqueeze(-1)
-    return y
+def as_targets(y: Tensor, like: Tensor | torch.Size | tuple[int, ...]) -> Tensor:
+    """``y`` laid out like the predictive's values ``like`` (a tensor or its shape).
+
+    A program observes its targets in its own layout: ``obs=y[..., 0]`` scores ``(T, N)``
+    values of targets given as ``(T, N, 1)``, and a network model's outputs are ``(T, N, C)``
+    for targets given as ``(T, N)``. Targets with the same tasks, points and number of values
+    as the predictive are reshaped to its layout, so that they never broadcast against it (a
+    ``(T, N, 1)`` target against ``(T, N)`` values would silently make ``(T, N, N)``).
+
+    Raises
+    ------
+    TaskDataError
+        When ``y`` holds another number of values per point than the predictive.
+    """
+    shape = tuple(like.shape if isinstance(like, Tensor) else like)
+    if tuple(y.shape) == shape:
+        return y
+    if y.dim() >= 2 and tuple(y.shape[:2]) == shape[:2] and y.numel() == math.prod(shape):
+        return y.reshape(shape)
+    raise TaskDataError(
+        f"targets of shape {tuple(y.shape)} do not fit the predictive, whose values have shape "
+        f"{shape} (tasks, points, ...): give the targets as the model observes them"
+    )
 
 
 class Prediction:
@@ -168,9 +186,10 @@ class CategoricalPrediction(Prediction):
         return self.probs
 
     def log_prob(self, y: Tensor) -> Tensor:
+        labels = as_targets(y, self.probs.shape[:-1]).long()
         return (
             torch.log(self.probs.clamp_min(torch.finfo(self.probs.dtype).tiny))
-            .gather(-1, y.unsqueeze(-1))
+            .gather(-1, labels.unsqueeze(-1))
             .squeeze(-1)
         )
 
@@ -258,8 +277,16 @@ class DrawsPrediction(Prediction):
         r"""Mean of the components' variances plus the variance of their means."""
         return self._moments()[1]
 
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """The shape of one draw of targets for all tasks, ``(T, N, ...)``, as the model's
+        observation site lays them out."""
+        shape = (*self.components.batch_shape, *self.components.event_shape)
+        return (shape[0] // self.num_components, *shape[1:])
+
     def log_prob(self, y: Tensor) -> Tensor:
         S = self.num_components
+        y = as_targets(y, self.value_shape)
         target = y.unsqueeze(0).expand(S, *y.shape).reshape(-1, *y.shape[1:])
         lp = self._split(self.components.log_prob(target))
         lp = lp.reshape(*lp.shape[:3], -1).sum(-1)
