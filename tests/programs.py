@@ -57,17 +57,13 @@ def family_program(family: str) -> Callable[..., Any]:
             else:
                 eta = x[..., 0] * phi[..., 0] + phi[..., 1]  # (T, N)
             with pyro.plate("data", x.shape[1], dim=-1):
-                pyro.sample(
-                    "y", _observation(family, eta), obs=None if y is None else y[..., 0]
-                )
+                pyro.sample("y", _observation(family, eta), obs=None if y is None else y[..., 0])
 
     model.__name__ = f"{family}_program"
     return model
 
 
-def family_tasks(
-    family: str, T: int = 6, N: int = 8, M: int = 6, *, seed: int = 0
-) -> TaskBatch:
+def family_tasks(family: str, T: int = 6, N: int = 8, M: int = 6, *, seed: int = 0) -> TaskBatch:
     """Tasks drawn from the family's program: support and query targets ``(T, N, 1)``."""
     g = torch.Generator().manual_seed(seed)
     width = 2 * CLASSES if family == "categorical" else 2

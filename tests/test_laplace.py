@@ -15,7 +15,7 @@ from hierbayes.inference.core.evidence import laplace_log_evidence
 from hierbayes.inference.core.laplace import linearized_predictive
 from hierbayes.inference.curvature import CurvatureInputs, build_curvature
 from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
-from hierbayes.inference.svi.llama import (
+from hierbayes.inference.objectives import (
     LaplaceEvidenceObjective,
     LaplacePenaltyObjective,
     LinearizedPredictiveObjective,

@@ -52,7 +52,7 @@ def test_the_exact_hessian_is_each_tasks_autograd_hessian_of_its_log_joint() -> 
     def joint(p: torch.Tensor) -> torch.Tensor:
         return log_joint(density, params, p, x, y)
 
-    value, grad, batched = batched_hessian(joint, phi, create_graph=False)
+    _, _, batched = batched_hessian(joint, phi, create_graph=False)
     for j in range(4):  # the reference: one task at a time, torch.autograd.functional
 
         def one(p: torch.Tensor, j: int = j) -> torch.Tensor:

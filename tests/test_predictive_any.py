@@ -23,9 +23,9 @@ from torch.testing import assert_close
 from hierbayes.errors import ModelContractError
 from hierbayes.inference import fit
 from hierbayes.inference.core.laplace import prior_precision
-from hierbayes.inference.core.losses import predictive_losses, probit_log_prob
+from hierbayes.inference.core.predictive import predictive_losses, probit_log_prob
 from hierbayes.inference.curvature import CurvatureInputs, build_curvature
-from hierbayes.inference.svi.llama import LinearizedPredictiveObjective
+from hierbayes.inference.objectives import LinearizedPredictiveObjective
 from hierbayes.models import (
     CategoricalLikelihood,
     GaussianLikelihood,
@@ -88,19 +88,18 @@ def _losses(model: TaskModel, batch: TaskBatch) -> Tensor:
 
 def test_auto_resolves_by_what_the_model_declares() -> None:
     objective = LinearizedPredictiveObjective()
-    objective.check(_density(_classifier(), _classifier_batch()))
-    assert objective.approximation == "probit"
+    assert objective.approximation(_density(_classifier(), _classifier_batch())) == "probit"
     net = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1))
     gaussian = TaskModel(net, GaussianLikelihood(0.3, learned=False))
     x = torch.randn(2, 3, 1)
     objective = LinearizedPredictiveObjective()
-    objective.check(task_density(gaussian, model_structure(gaussian, x, torch.randn(2, 3, 1))))
-    assert objective.approximation == "linearized"
+    density = task_density(gaussian, model_structure(gaussian, x, torch.randn(2, 3, 1)))
+    assert objective.approximation(density) == "linearized"
     batch = simulate(MODELS["bernoulli"])
     structure = model_structure(MODELS["bernoulli"], batch.support_x, batch.support_y)
     objective = LinearizedPredictiveObjective()
-    objective.check(PyroTaskDensity(MODELS["bernoulli"], structure, batch.support_x[:1]))
-    assert objective.approximation == "sampled"
+    density = PyroTaskDensity(MODELS["bernoulli"], structure, batch.support_x[:1])
+    assert objective.approximation(density) == "sampled"
     # an approximation the model cannot take is refused when the objective is bound
     with pytest.raises(ModelContractError, match="predictive='sampled'"):
         LinearizedPredictiveObjective(predictive="linearized").check(

@@ -139,7 +139,7 @@ def test_poutine_scale_and_svi_take_the_sampled_predictive_of_a_plain_program() 
     with poutine.scale(scale=0.5):
         scaled = loss.differentiable_loss(logistic, guide, batch)
     assert_close(scaled, 0.5 * plain, **TOL)
-    assert loss.approximation == "sampled"  # type: ignore[attr-defined]
+    assert loss.approximation(guide.density) == "sampled"  # type: ignore[attr-defined]
     svi = SVI(logistic, guide, pyro.optim.Adam({"lr": 0.05}), loss=loss)
     before = {k: v.detach().clone() for k, v in guide.global_values().items()}
     values = [svi.step(batch) for _ in range(5)]
@@ -233,7 +233,7 @@ def test_register_method_refuses_a_duplicate_name() -> None:
     existing = methods()["maml"]
     with pytest.raises(ValueError, match="registered already"):
         register_method(existing)
-    register_method(Method("maml", existing.objective, existing.posterior), overwrite=True)
+    register_method(Method("maml", existing.objective, existing.description), overwrite=True)
     assert methods()["maml"].name == "maml"
 
 

@@ -89,7 +89,7 @@ def test_llama_on_a_plain_program_trains_and_predicts_by_sampling() -> None:
         step_size=0.01,
         progress=False,
     )
-    assert predictive.objective.approximation == "sampled"  # type: ignore[attr-defined]
+    assert predictive.objective.approximation(predictive.guide.density) == "sampled"  # type: ignore[attr-defined]
     assert all(math.isfinite(v) for v in predictive.history)
 
 

@@ -24,7 +24,9 @@ OBJECTIVES = ("maml", "predictive", "evidence", "paper")
 
 def _fit(family: str, objective: str):  # type: ignore[no-untyped-def]
     tasks = family_tasks(family)
-    options = {"method": "maml"} if objective == "maml" else {"method": "llama", "objective": objective}
+    options = (
+        {"method": "maml"} if objective == "maml" else {"method": "llama", "objective": objective}
+    )
     with warnings.catch_warnings():
         # a 3-step run is not converged and its step may be rough: not what is tested here
         warnings.simplefilter("ignore")
@@ -36,7 +38,9 @@ def _fit(family: str, objective: str):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_targets_with_a_trailing_axis_train_evaluate_and_predict(family: str, objective: str) -> None:
+def test_targets_with_a_trailing_axis_train_evaluate_and_predict(
+    family: str, objective: str
+) -> None:
     result, tasks = _fit(family, objective)
     assert all(torch.isfinite(torch.tensor(result.history)))
     with warnings.catch_warnings():

@@ -17,6 +17,8 @@ What more a curvature backend or a predictive needs is a **declared** protocol, 
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -181,8 +183,22 @@ class Capabilities:
             raise ModelContractError(f"{needed_for} needs {described}; {fix}")
 
 
+_CAPABILITIES: weakref.WeakKeyDictionary[Any, Capabilities] = weakref.WeakKeyDictionary()
+
+
 def capabilities(density: TaskDensity) -> Capabilities:
-    """Read the protocols ``density`` implements, once."""
+    """Read the protocols ``density`` implements, once per density (then remembered)."""
+    try:
+        return _CAPABILITIES[density]
+    except (KeyError, TypeError):
+        pass
+    found = _read_capabilities(density)
+    with contextlib.suppress(TypeError):  # a density without weak references: read each time
+        _CAPABILITIES[density] = found
+    return found
+
+
+def _read_capabilities(density: TaskDensity) -> Capabilities:
     if isinstance(density, NetworkDensity):
         likelihood = density.likelihood
         return Capabilities(

@@ -111,9 +111,13 @@ class ModeSearch(NamedTuple):
             self.failed,
         )
 
-    def log_evidence(self, *, newton_correction: bool = True) -> Tensor:
-        r"""The Laplace evidence at ``phi``, ``(T,)`` (:func:`~hierbayes.inference.core.joint.laplace_evidence`), from the
-        search's own curvature (no second build).
+    def log_evidence(
+        self, *, newton_correction: bool = True, log_joint: Tensor | None = None
+    ) -> Tensor:
+        r"""The Laplace evidence at ``phi``, ``(T,)``
+        (:func:`~hierbayes.inference.core.joint.laplace_evidence`), from the search's own
+        curvature (no second build); ``log_joint`` replaces the search's own log joint at
+        ``phi`` (``0`` gives the Laplace terms alone).
 
         After a search (``steps > 0``) the correction :math:`\tfrac12 g^\top\hat H^{-1}g` is
         added only for the tasks that converged, where it is below the tolerance and the
@@ -132,4 +136,5 @@ class ModeSearch(NamedTuple):
                 if self.steps == 0
                 else torch.where(self.converged, self.decrement, torch.zeros_like(self.decrement))
             )
-        return laplace_evidence(self.log_joint, self.curvature.logdet(), D, correction)
+        value = self.log_joint if log_joint is None else log_joint
+        return laplace_evidence(value, self.curvature.logdet(), D, correction)

@@ -25,7 +25,7 @@ from hierbayes.errors import ModelContractError
 from hierbayes.inference.core.inner_loop import InnerLoss
 from hierbayes.inference.core.losses import HyperpriorSpace
 from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
-from hierbayes.inference.svi.objectives import MetaObjective
+from hierbayes.inference.objectives import MetaObjective
 from hierbayes.inference.training.boundary import boundary_sites, warn_at_boundary
 from hierbayes.inference.training.checks import (
     as_task_source,
@@ -359,9 +359,18 @@ def _fit(
     guide.to(device=dev, dtype=dtype)
     check_targets(guide, first)
     if objective is None:
-        objective = spec.objective(num_tasks=source.num_tasks, **method_options)
-    objective.bind(guide.density)  # declared capabilities, checked before any training
-    objective.hyperprior_space = empirical["hyperprior_space"]
+        objective = spec.objective(
+            num_tasks=source.num_tasks,
+            hyperprior_space=empirical["hyperprior_space"],
+            **method_options,
+        )
+    elif objective.hyperprior_space != empirical["hyperprior_space"]:
+        raise ValueError(
+            f"the given objective scores the hyperprior in the {objective.hyperprior_space} "
+            f"space but fit was asked for hyperprior_space={empirical['hyperprior_space']!r}: "
+            "build the objective with the one you want and leave fit's at its default"
+        )
+    objective.check(guide.density)  # declared capabilities, checked before any training
     result = FitResult(model, guide, objective, method, [], config)
     result.example = (first.support_x[:1].detach(), first.support_y[:1].detach())
     parameters = trainable_parameters(model, guide)

@@ -1,37 +1,44 @@
-r"""The registry of meta-learning methods: how each builds its objective and task posterior."""
+r"""The registry of meta-learning methods: the objective each builds (which carries its own
+task posterior, :meth:`~hierbayes.inference.objectives.MetaObjective.posterior`)."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import Tensor
+from hierbayes.inference.objectives import (
+    LLAMA_OBJECTIVES,
+    MAMLObjective,
+    MetaObjective,
+    llama_objective,
+)
 
-from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
-from hierbayes.inference.svi.guide import TruncatedGradientGuide
-from hierbayes.inference.svi.llama import LLAMA_OBJECTIVES, llama_objective, llama_posterior
-from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
-from hierbayes.tasks.batch import TaskBatch
-
-__all__ = ["Method", "PosteriorFactory", "get_method", "methods", "register_method"]
-
-
-PosteriorFactory = Callable[
-    [TruncatedGradientGuide, Mapping[str, Tensor], Tensor, TaskBatch, MetaObjective], TaskPosterior
-]
+__all__ = ["Method", "get_method", "methods", "register_method"]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A meta-learning method: how to build its objective and its task posterior."""
+    """A meta-learning method: how to build its objective.
+
+    Attributes
+    ----------
+    name:
+        What ``fit(..., method=name)`` takes.
+    objective:
+        ``objective(num_tasks=..., hyperprior_space=..., **options) -> MetaObjective``; the
+        objective's :meth:`~hierbayes.inference.objectives.MetaObjective.posterior` is the
+        method's task posterior.
+    description:
+        One line for listings.
+    options:
+        The option names its objective takes (``fit`` suggests the close one for a misspelled
+        option); ``None`` when unknown (no check).
+    """
 
     name: str
     objective: Callable[..., MetaObjective]
-    posterior: PosteriorFactory
     description: str = ""
-    #: The option names its objective takes (``fit`` suggests the close one for a misspelled
-    #: option); ``None`` when unknown (no check).
     options: frozenset[str] | None = None
 
 
@@ -39,7 +46,8 @@ _METHODS: dict[str, Method] = {}
 
 
 def _init_options(cls: type) -> frozenset[str]:
-    """Keyword options of ``cls.__init__`` and its bases' (``num_tasks`` is fit's to set)."""
+    """Keyword options of ``cls.__init__`` and its bases' (``num_tasks`` and
+    ``hyperprior_space`` are fit's to set)."""
     names: set[str] = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -48,7 +56,7 @@ def _init_options(cls: type) -> frozenset[str]:
         for p in inspect.signature(init).parameters.values():
             if p.kind is p.KEYWORD_ONLY:
                 names.add(p.name)
-    return frozenset(names)
+    return frozenset(names - {"hyperprior_space"})
 
 
 def register_method(method: Method, *, overwrite: bool = False) -> None:
@@ -77,21 +85,10 @@ def methods() -> dict[str, Method]:
     return dict(_METHODS)
 
 
-def _point_mass(
-    guide: TruncatedGradientGuide,
-    params: Mapping[str, Tensor],
-    phi: Tensor,
-    batch: TaskBatch,
-    objective: MetaObjective,
-) -> TaskPosterior:
-    return PointMassPosterior(guide.density, params, phi)
-
-
 register_method(
     Method(
         "maml",
         MAMLObjective,
-        _point_mass,
         "MAML (Finn et al. 2017): query NLL at the truncated-gradient point estimate",
         frozenset(),
     )
@@ -102,7 +99,6 @@ register_method(
     Method(
         "llama",
         llama_objective,
-        llama_posterior,
         "LLAMA (Grant et al. 2018) and successors: Laplace-corrected objectives, Gaussian task "
         "posteriors; objective='predictive' (default), 'evidence' or 'paper'",
         frozenset({"objective"}).union(*(_init_options(c) for c in LLAMA_OBJECTIVES.values())),

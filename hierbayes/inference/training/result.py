@@ -19,10 +19,12 @@ from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posteri
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.predictions import Prediction
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
-from hierbayes.inference.svi.llama import LaplaceEvidenceObjective, LaplaceObjective
-from hierbayes.inference.svi.objectives import MetaObjective
+from hierbayes.inference.objectives import (
+    LaplaceEvidenceObjective,
+    LaplaceObjective,
+    MetaObjective,
+)
 from hierbayes.inference.training.empirical_bayes import Convergence
-from hierbayes.inference.training.methods import get_method
 from hierbayes.inference.training.persistence import run_state, write_atomic
 from hierbayes.models.structure import check_inputs
 from hierbayes.tasks.batch import TaskBatch
@@ -207,7 +209,7 @@ class FitResult:
                 step_size=step_size,
             )
         phi = self._refine(params, phi, batch, refine)
-        return get_method(self.method).posterior(self.guide, params, phi, batch, self.objective)
+        return self.objective.posterior(self.guide.density, params, phi, batch)
 
     def _refine(
         self, params: dict[str, Tensor], phi: Tensor, batch: TaskBatch, refine: int | None
@@ -226,12 +228,12 @@ class FitResult:
             raise ValueError(f"refine must be a number of Newton steps >= 0; got {refine!r}")
         if refine == 0 and not assumes_mode:
             return phi
+        density = self.guide.density
         curvature, damping = (
-            (objective.curvature, objective.damping)
+            (objective.curvature_for(density), objective.damping)
             if isinstance(objective, LaplaceObjective)
             else ("ggn", None)
         )
-        density = self.guide.density
         search = newton_mode(
             density,
             params,
