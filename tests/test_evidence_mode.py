@@ -16,8 +16,8 @@ from torch.testing import assert_close
 
 from hierbayes.inference import TruncatedGradientGuide, fit
 from hierbayes.inference.core.evidence import laplace_log_evidence
-from hierbayes.inference.core.laplace import prior_precision, select_data
 from hierbayes.inference.core.joint import log_joint
+from hierbayes.inference.core.laplace import prior_precision, select_data
 from hierbayes.inference.core.mode import ModeSearch, newton_mode
 from hierbayes.inference.core.mode_report import ModeReport
 from hierbayes.inference.objectives import LaplaceEvidenceObjective

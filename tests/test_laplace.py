@@ -14,13 +14,13 @@ from hierbayes.inference import TruncatedGradientGuide, fit
 from hierbayes.inference.core.evidence import laplace_log_evidence
 from hierbayes.inference.core.laplace import linearized_predictive
 from hierbayes.inference.curvature import CurvatureInputs, build_curvature
-from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
 from hierbayes.inference.objectives import (
     LaplaceEvidenceObjective,
     LaplacePenaltyObjective,
     LinearizedPredictiveObjective,
     llama_objective,
 )
+from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
 from hierbayes.models import (
     BayesianLinearRegression,
     NeuralRegression,

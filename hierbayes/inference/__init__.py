@@ -1,7 +1,7 @@
 """Inference: the truncated-gradient guide, meta-objectives, ``fit`` and task posteriors."""
 
-from hierbayes.inference.core.inner_loop import gradient_steps
 from hierbayes.inference.core.evidence import laplace_log_evidence
+from hierbayes.inference.core.inner_loop import gradient_steps
 from hierbayes.inference.core.laplace import linearized_predictive
 from hierbayes.inference.evaluation.compare import (
     ComparisonResult,
@@ -18,13 +18,13 @@ from hierbayes.inference.posteriors.hyper_laplace import (
     hyper_laplace,
 )
 from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
+from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.inference.predictions import (
     CategoricalPrediction,
     GaussianPrediction,
     MixturePrediction,
     Prediction,
 )
-from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.inference.reference.full_bayes import FullBayesPosterior, nuts_full_bayes
 from hierbayes.inference.reference.meanfield import MeanFieldPosterior, meanfield_vi
 from hierbayes.inference.reference.nuts import nuts_numpyro, nuts_pyro

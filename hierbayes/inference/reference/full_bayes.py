@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.posteriors.joint import predict_from_joint_draws
-from hierbayes.inference.predictions import Prediction
 from hierbayes.inference.posteriors.samples import RHAT_THRESHOLD, SamplePosterior, thinning_index
 from hierbayes.inference.posteriors.unconstrained import GlobalCoordinates, joint_log_density
+from hierbayes.inference.predictions import Prediction
 from hierbayes.inference.reference.chains import check_counts, run_pyro_chain
 from hierbayes.inference.reference.target import resolve_density
 from hierbayes.models.density import TaskDensity

@@ -24,8 +24,8 @@ from torch import Tensor
 from hierbayes.errors import ModelContractError
 from hierbayes.inference.core.inner_loop import InnerLoss
 from hierbayes.inference.core.losses import HyperpriorSpace
-from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
 from hierbayes.inference.objectives import MetaObjective
+from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
 from hierbayes.inference.training.boundary import boundary_sites, warn_at_boundary
 from hierbayes.inference.training.checks import (
     as_task_source,

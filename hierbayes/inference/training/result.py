@@ -16,14 +16,14 @@ from hierbayes.errors import HierbayesError, TaskDataError
 from hierbayes.inference.core.laplace import prior_precision
 from hierbayes.inference.core.mode import newton_mode
 from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior
-from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.predictions import Prediction
-from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.objectives import (
     LaplaceEvidenceObjective,
     LaplaceObjective,
     MetaObjective,
 )
+from hierbayes.inference.posteriors.base import TaskPosterior
+from hierbayes.inference.predictions import Prediction
+from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.training.empirical_bayes import Convergence
 from hierbayes.inference.training.persistence import run_state, write_atomic
 from hierbayes.models.structure import check_inputs
