@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Capabilities",
     "DiagonalPriorDensity",
+    "JointDensity",
     "NetworkDensity",
     "PyroTaskDensity",
     "TaskDensity",
@@ -148,6 +149,24 @@ class NetworkDensity(Protocol):
 
     def check_mask(self, mask: Tensor | None) -> None:
         """Raise :class:`~hierbayes.errors.TaskDataError` if the network cannot take ``mask``."""
+        ...
+
+
+@runtime_checkable
+class JointDensity(Protocol):
+    r"""A density that evaluates a task's log joint and the globals' hyperprior in one pass (a
+    Pyro program is traced once instead of three times)."""
+
+    def log_joint_parts(
+        self,
+        params: Mapping[str, Tensor],
+        phi: Tensor,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r""":math:`\log p(y_j\mid\phi_j) + \log p(\phi_j\mid\theta)` ``(T,)`` and
+        :math:`\log p(\theta)` (a scalar)."""
         ...
 
 
@@ -274,6 +293,30 @@ class PyroTaskDensity:
     def log_prior(self, params: Mapping[str, Tensor], phi: Tensor, x: Tensor) -> Tensor:
         site = trace_nodes(self.trace(params, phi, x, None))[self.structure.task_site]
         return site["fn"].log_prob(site["value"]).reshape(phi.shape[0])
+
+    def log_joint_parts(
+        self,
+        params: Mapping[str, Tensor],
+        phi: Tensor,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(log_joint, log_hyperprior)`` from one run of the program:
+        :math:`\log p(y_j\mid\phi_j) + \log p(\phi_j\mid\theta)` per task ``(T,)`` and
+        :math:`\log p(\theta)` (a scalar) (:class:`JointDensity`)."""
+        trace = self.trace(params, phi, x, y)
+        nodes = trace_nodes(trace)
+        T = phi.shape[0]
+        site = nodes[self.structure.task_site]
+        per_task = per_task_log_prob(trace, self.structure, T, mask) + site["fn"].log_prob(
+            site["value"]
+        ).reshape(T)
+        hyper = x.new_zeros(()) if torch.is_floating_point(x) else phi.new_zeros(())
+        for g in self.structure.global_sites:
+            node = nodes[g.name]
+            hyper = hyper + node["fn"].log_prob(node["value"]).sum()
+        return per_task, hyper
 
     def _task_prior(self, params: Mapping[str, Tensor], x: Tensor) -> Any:
         r"""The per-task latent's distribution :math:`p(\phi\mid\theta)` in the program."""

@@ -25,6 +25,7 @@ from typing import Literal, cast
 import torch
 from torch import Tensor
 
+from hierbayes.inference.core.joint import log_joint
 from hierbayes.models.density import NetworkDensity, TaskDensity, capabilities
 
 __all__ = [
@@ -199,9 +200,10 @@ def adapt_tasks(
     def log_density(phi: Tensor) -> Tensor:
         if loss == "mse":
             return -mean_squared_error(density, params, phi, x, y, mask)
-        value = density.log_likelihood(params, phi, x, y, mask)
         if joint:
-            value = value + density.log_prior(params, phi, x)
+            value = log_joint(density, params, phi, x, y, mask)
+        else:
+            value = density.log_likelihood(params, phi, x, y, mask)
         return value if scale is None else value * scale
 
     return gradient_steps(

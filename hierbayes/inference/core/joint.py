@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from hierbayes.models.density import TaskDensity
+from hierbayes.models.density import JointDensity, TaskDensity
 
-__all__ = ["batched_hessian", "laplace_evidence", "log_joint"]
+__all__ = ["batched_hessian", "laplace_evidence", "log_joint", "model_log_density"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -44,8 +44,33 @@ def log_joint(
     r""":math:`\ell_j(\phi_j) = \log p(y_j\mid\phi_j, x_j) + \log p(\phi_j\mid\theta)`, ``(T,)``.
 
     ``x``, ``y`` ``(T, N, ...)`` and the optional ``mask`` ``(T, N)`` are the data the joint is
-    of (a support set, a query set, or both)."""
+    of (a support set, a query set, or both). A :class:`~hierbayes.models.density.JointDensity`
+    (any Pyro program) evaluates both terms in one run."""
+    if isinstance(density, JointDensity):
+        return density.log_joint_parts(params, phi, x, y, mask)[0]
     return density.log_likelihood(params, phi, x, y, mask) + density.log_prior(params, phi, x)
+
+
+def model_log_density(
+    density: TaskDensity,
+    params: Mapping[str, Tensor],
+    phi: Tensor,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor | None = None,
+) -> Tensor:
+    r"""The log density of everything, globals and per-task latents (a scalar):
+
+    .. math::
+
+        \log p(\theta) + \sum_j\big[\log p(\phi_j\mid\theta) + \log p(y_j\mid\phi_j, x_j)\big],
+
+    ``phi`` ``(T, D)``, ``x``, ``y`` ``(T, N, ...)``, ``mask`` ``(T, N)``: what full-Bayes NUTS
+    over the globals and every task's :math:`\phi` targets."""
+    if isinstance(density, JointDensity):
+        per_task, hyper = density.log_joint_parts(params, phi, x, y, mask)
+        return per_task.sum() + hyper
+    return log_joint(density, params, phi, x, y, mask).sum() + density.log_hyperprior(params, x)
 
 
 def batched_hessian(

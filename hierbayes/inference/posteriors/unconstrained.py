@@ -6,14 +6,8 @@ to one flat vector :math:`u \in \mathbb R^K` through each site's bijection onto 
 :math:`\theta = T(u)`, e.g. :math:`\tau = \exp(u_\tau)`. A density over :math:`u` carries the
 log-Jacobian :math:`\log\lvert\det \partial T/\partial u\rvert`.
 
-:func:`joint_log_density` is the log density of everything, globals and per-task latents,
-
-.. math::
-
-    \log p(\theta) + \sum_j \big[\log p(\phi_j\mid\theta) + \log p(y_j\mid\phi_j, x_j)\big],
-
-read from the model's :class:`~hierbayes.models.TaskDensity` (one trace of a Pyro program for a
-:class:`~hierbayes.models.PyroTaskDensity`), padded points masked out.
+The log density of everything over :math:`u` is
+:func:`~hierbayes.inference.core.joint.model_log_density` plus this log-Jacobian.
 """
 
 from __future__ import annotations
@@ -26,10 +20,9 @@ from pyro.distributions.transforms import biject_to
 from torch import Tensor
 
 from hierbayes.errors import ModelContractError
-from hierbayes.models.density import PyroTaskDensity, TaskDensity
-from hierbayes.models.structure import per_task_log_prob, trace_nodes
+from hierbayes.models.density import TaskDensity
 
-__all__ = ["GlobalCoordinates", "joint_log_density"]
+__all__ = ["GlobalCoordinates"]
 
 
 @dataclass(frozen=True)
@@ -122,33 +115,3 @@ class GlobalCoordinates:
                 ladj.reshape((*batch, -1)).sum(-1) if extra > 0 else ladj
             )
         return params, log_jacobian
-
-
-def joint_log_density(
-    density: TaskDensity,
-    params: Mapping[str, Tensor],
-    phi: Tensor,
-    x: Tensor,
-    y: Tensor,
-    mask: Tensor | None = None,
-) -> Tensor:
-    r""":math:`\log p(\theta) + \sum_j[\log p(\phi_j\mid\theta) + \log p(y_j\mid\phi_j)]`, a scalar.
-
-    ``phi`` ``(T, D)``; ``x``, ``y`` ``(T, N, ...)``; ``mask`` ``(T, N)`` (``True`` for real
-    points). A :class:`~hierbayes.models.PyroTaskDensity` is traced once; any other density is
-    read through its three protocol functions."""
-    if isinstance(density, PyroTaskDensity):
-        trace = density.trace(params, phi, x, y)
-        nodes = trace_nodes(trace)
-        total = per_task_log_prob(trace, density.structure, phi.shape[0], mask).sum()
-        site = nodes[density.structure.task_site]
-        total = total + site["fn"].log_prob(site["value"]).sum()
-        for g in density.structure.global_sites:
-            node = nodes[g.name]
-            total = total + node["fn"].log_prob(node["value"]).sum()
-        return total
-    return (
-        density.log_likelihood(params, phi, x, y, mask).sum()
-        + density.log_prior(params, phi, x).sum()
-        + density.log_hyperprior(params, x)
-    )

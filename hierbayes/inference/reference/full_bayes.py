@@ -49,9 +49,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hierbayes.inference.core.joint import model_log_density
 from hierbayes.inference.posteriors.joint import predict_from_joint_draws
 from hierbayes.inference.posteriors.samples import RHAT_THRESHOLD, SamplePosterior, thinning_index
-from hierbayes.inference.posteriors.unconstrained import GlobalCoordinates, joint_log_density
+from hierbayes.inference.posteriors.unconstrained import GlobalCoordinates
 from hierbayes.inference.predictions import Prediction
 from hierbayes.inference.reference.chains import check_counts, run_pyro_chain
 from hierbayes.inference.reference.target import resolve_density
@@ -265,7 +266,7 @@ def nuts_full_bayes(
     def potential(values: Mapping[str, Tensor]) -> Tensor:
         evaluations[0] += 1
         globals_, log_jacobian = coords.unpack(values["u"], fixed)
-        return -(joint_log_density(density, globals_, values["phi"], x, y, mask) + log_jacobian)
+        return -(model_log_density(density, globals_, values["phi"], x, y, mask) + log_jacobian)
 
     u_draws = u0.new_empty((C, S, coords.size))
     phi_draws = phi0.new_empty((C, S, T, D))

@@ -62,6 +62,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
 from torch import Tensor
 
+from hierbayes.inference.core.joint import log_joint as core_log_joint
 from hierbayes.inference.posteriors.gaussian import GaussianTaskPosterior
 from hierbayes.inference.reference.target import resolve_density
 from hierbayes.models.density import TaskDensity
@@ -187,10 +188,7 @@ def meanfield_vi(
         r""":math:`\log p(y^s_j\mid\phi) + \log p(\phi\mid\hat\theta)` of draws ``(S, T, D)``,
         ``(S, T)``: one density call, outside every plate."""
         flat = phi.reshape(S * T, D)
-        value = density.log_likelihood(params, flat, xs, ys, masks) + density.log_prior(
-            params, flat, xs
-        )
-        return value.reshape(S, T)
+        return core_log_joint(density, params, flat, xs, ys, masks).reshape(S, T)
 
     def sample_phi() -> Tensor:
         """The flat site ``phi``, in the task plate (and the particle plate) entered by the caller."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hierbayes.inference.core.joint import log_joint
 from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.inference.reference.chains import (
     check_counts,
@@ -102,9 +103,7 @@ def nuts_pyro(
             ) -> Tensor:
                 evaluations[0] += 1
                 phi = values["phi"].unsqueeze(0)
-                log_joint = density.log_likelihood(params, phi, xt, yt, mt)
-                log_joint = log_joint + density.log_prior(params, phi, xt)
-                return -log_joint.sum()
+                return -log_joint(density, params, phi, xt, yt, mt).sum()
 
             for c in range(C):
                 torch.manual_seed(int(seeds[t, c]))
