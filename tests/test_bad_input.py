@@ -372,7 +372,7 @@ SETTING_ROWS: list[tuple[str, Any, str]] = [
     ("meta_batch_size", 0, r"meta_batch_size must be a whole number >= 1; got 0"),
     ("meta_steps", -1, r"meta_steps must be a whole number >= 0; got -1"),
     ("inner_steps", -1, r"inner_steps must be (a whole number )?>= 0; got -1"),
-    ("clip_grad_norm", 0.0, r"clip_grad_norm must be positive; got 0\.0"),
+    ("clip_grad_norm", 0.0, r"clip_grad_norm must be a finite positive number; got 0\.0"),
     ("learn_step_size", "scaler", r"learn_step_size must be 'fixed', 'scalar' or 'per_param"),
     ("inner_objective", "joint_", r"inner_objective must be 'likelihood' or 'joint'; got 'joint_'"),
 ]

@@ -24,7 +24,7 @@ from hierbayes.inference import (
     fit,
     meanfield_vi,
 )
-from hierbayes.inference.training.fit import _warn_if_prior_collapsed
+from hierbayes.inference.training.boundary import warn_if_prior_collapsed
 from hierbayes.models import GaussianLikelihood, NeuralRegression, TaskModel
 from hierbayes.tasks import EpisodicSampler, SinusoidTasks, TaskBatch, TaskCollection
 from tests.helpers import regression_batch, tiny_mlp
@@ -234,12 +234,12 @@ def test_prior_scale_collapse_is_reported() -> None:
     with torch.no_grad():
         result.guide.locs.prior_scale_unconstrained.fill_(float(np.log(1e-5)))
     with pytest.warns(UserWarning, match="learned prior scale fell from 0.1"):
-        _warn_if_prior_collapsed(model, result)
+        warn_if_prior_collapsed(model, result)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad():
             result.guide.locs.prior_scale_unconstrained.fill_(float(np.log(0.05)))
-        _warn_if_prior_collapsed(model, result)
+        warn_if_prior_collapsed(model, result)
 
 
 def test_bad_collections_and_integer_images() -> None:

@@ -38,6 +38,7 @@ from hierbayes.inference.svi.llama import (
 from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
 from hierbayes.inference.training.distributed import DistributedTrainingError
 from hierbayes.inference.training.empirical_bayes import Convergence, UnconvergedWarning
+from hierbayes.inference.training.config import GuideConfig, OptimConfig, RunConfig
 from hierbayes.inference.training.fit import fit
 from hierbayes.inference.training.load import load
 from hierbayes.inference.training.methods import Method, methods, register_method
@@ -57,6 +58,9 @@ __all__ = [
     "FitResult",
     "FullBayesPosterior",
     "GaussianPosterior",
+    "GuideConfig",
+    "OptimConfig",
+    "RunConfig",
     "GaussianPrediction",
     "HyperLaplace",
     "HyperLaplacePosterior",

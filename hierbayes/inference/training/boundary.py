@@ -15,12 +15,13 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.training.empirical_bayes import all_tasks, positive_scalar_sites
+from hierbayes.models.task_model import TaskModel
 from hierbayes.tasks.batch import TaskBatch
 
 if TYPE_CHECKING:
     from hierbayes.inference.training.result import FitResult
 
-__all__ = ["boundary_sites", "warn_at_boundary"]
+__all__ = ["boundary_sites", "warn_at_boundary", "warn_if_prior_collapsed"]
 
 
 def boundary_sites(
@@ -78,3 +79,23 @@ def warn_at_boundary(found: Mapping[str, float], result: FitResult) -> None:
         UserWarning,
         stacklevel=4,
     )
+
+
+def warn_if_prior_collapsed(model: Any, result: FitResult) -> None:
+    """Warn when a learned prior scale ended far below where it started: the Laplace posterior
+    N(phi_hat, H^-1) is then close to a point mass."""
+    if not isinstance(model, TaskModel) or not model.learn_prior_scale:
+        return
+    start = model.prior_scale_init
+    with torch.no_grad():
+        learned = model.prior_scale_of(result.guide.global_values())
+    scale = learned.reshape(-1)[0] if isinstance(learned, Tensor) else torch.tensor(learned)
+    if float(scale) < 0.01 * float(start):
+        warnings.warn(
+            f"the learned prior scale fell from {start:g} to {float(scale):.3g}: the {result.method} "
+            "objective found no use for weight uncertainty, so the task posteriors are close to "
+            "point masses and predictive intervals come from the noise scale alone. Fix the "
+            "prior scale (learn_prior_scale=False) to keep a Laplace posterior with real width.",
+            UserWarning,
+            stacklevel=3,
+        )
