@@ -65,7 +65,7 @@ def engine_figures(posterior: SamplePosterior, *, compile_seconds: float = 0.0) 
         "ess_bulk_median_per_second": float(ess.median()) / wall,
         "ess_bulk_min_per_sampling_second": float(ess.min()) / sampling,
         "ess_bulk_median_per_sampling_second": float(ess.median()) / sampling,
-        "rhat_max": float(posterior.rhat_max.max()),
+        "rhat_max": posterior.rhat_max,
         "divergences": int(posterior.sampler_stats["diverging"].sum()),
     }
     if "num_steps" in posterior.sampler_stats:

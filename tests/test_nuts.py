@@ -129,7 +129,7 @@ def test_rhat_flags_chains_that_disagree() -> None:
     posterior = SamplePosterior(
         density, params, draws, engine="test", diagnostics=convergence_diagnostics(draws)
     )
-    rhat = posterior.rhat_max
+    rhat = posterior.rhat_max_per_task
     assert float(rhat[0]) < 1.01
     assert float(rhat[1]) > 1.5
     assert math.isnan(float(rhat[2]))

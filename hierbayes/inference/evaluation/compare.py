@@ -149,7 +149,7 @@ def _check_reference(name: str, posterior: TaskPosterior) -> tuple[list[int], fl
     if flagged:
         warnings.warn(
             f"the reference {name!r} has R-hat above {threshold} on task(s) {flagged} (max R-hat "
-            f"{[round(float(v), 4) for v in posterior.rhat_max]}); its distances are reported but "
+            f"{[round(float(v), 4) for v in posterior.rhat_max_per_task]}); its distances are reported but "
             "flagged. Run longer chains.",
             ReferenceNotConvergedWarning,
             stacklevel=3,
@@ -208,8 +208,10 @@ def _sampler_columns(
     """R-hat, ESS, flagged tasks, divergences and engine of an MCMC posterior."""
     summary = posterior.summary()
     row = {
-        "rhat_max": max((v for v in summary["rhat_max"] if math.isfinite(v)), default=math.nan),
-        "ess_bulk_min": min(summary["ess_bulk_min"]),
+        "rhat_max": max(
+            (v for v in summary["rhat_max_per_task"] if math.isfinite(v)), default=math.nan
+        ),
+        "ess_bulk_min": summary["ess_bulk_min"],
         "flagged": summary["flagged"],
         "divergences": summary.get("divergences_total", sum(summary.get("divergences", []))),
         "engine": posterior.engine,
@@ -220,7 +222,10 @@ def _sampler_columns(
         row["globals_rhat_max"] = max(rhats, default=math.nan)
         row["globals_ess_bulk_min"] = min(esss, default=math.nan)
         row["globals_flagged"] = summary.get("globals_flagged", [])
-    return row, {"rhat_max": summary["rhat_max"], "ess_bulk_min": summary["ess_bulk_min"]}
+    return row, {
+        "rhat_max": summary["rhat_max_per_task"],
+        "ess_bulk_min": summary["ess_bulk_min_per_task"],
+    }
 
 
 def compare_approximations(

@@ -47,6 +47,16 @@ class TaskPosterior:
         """Predictive distribution of targets at new inputs ``x`` ``(T, M, ...)``."""
         raise NotImplementedError
 
+    def marginal_variance(self) -> Tensor:
+        r"""Each parameter's posterior variance, ``(T, D)``."""
+        raise NotImplementedError
+
+    @property
+    def sd(self) -> Tensor:
+        r"""Each parameter's posterior standard deviation, ``(T, D)``: the same attribute on
+        every posterior (point mass, Laplace, Gaussian, draws, hyper-Laplace mixture)."""
+        return self.marginal_variance().clamp_min(0.0).sqrt()
+
 
 class PointMassPosterior(TaskPosterior):
     r""":math:`\delta(\phi_j - \hat\phi_j)`: MAML's amortised point estimate.
@@ -57,6 +67,10 @@ class PointMassPosterior(TaskPosterior):
 
     def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
         return self.mean.expand(num_samples, *self.mean.shape)
+
+    def marginal_variance(self) -> Tensor:
+        """Zero: a point mass has no spread."""
+        return torch.zeros_like(self.mean)
 
     def predict(self, x: Tensor, **kwargs: Any) -> Prediction:
         with torch.no_grad():

@@ -103,6 +103,10 @@ class GaussianTaskPosterior(TaskPosterior, ABC):
         r""":math:`\mu_j + L_j z_{sj}` for standard-normal ``z`` ``(S, T, D)``, with
         :math:`L_jL_j^\top = \Sigma_j`; ``(S, T, D)``."""
 
+    def marginal_variance(self) -> Tensor:
+        with torch.no_grad():
+            return self.covariance().diagonal(dim1=-2, dim2=-1)
+
     @abstractmethod
     def covariance_quad(self, J: Tensor) -> Tensor:
         r"""The diagonal of :math:`J_j\Sigma_j J_j^\top` for ``J`` ``(T, R, D)``; ``(T, R)``."""

@@ -76,10 +76,9 @@ class HyperLaplacePosterior(TaskPosterior):
         total = torch.einsum("k,ktde->tde", self.weights, second)
         return total - self.mean.unsqueeze(-1) * self.mean.unsqueeze(-2)
 
-    @property
-    def sd(self) -> Tensor:
-        """Marginal standard deviations ``(T, D)``."""
-        return self.covariance().diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    def marginal_variance(self) -> Tensor:
+        """Marginal variances ``(T, D)`` of the mixture."""
+        return self.covariance().diagonal(dim1=-2, dim2=-1)
 
     def _draw(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Node indices ``(n,)`` (by weight) and draws of :math:`\\phi` ``(n, T, D)``."""

@@ -163,6 +163,10 @@ class SamplePosterior(TaskPosterior):
 
     # -- diagnostics ---------------------------------------------------------------------------
 
+    def marginal_variance(self) -> Tensor:
+        """The variance of the draws of every chain, ``(T, D)``."""
+        return self.draws.reshape(-1, *self.draws.shape[2:]).var(0)
+
     @property
     def has_diagnostics(self) -> bool:
         """Whether convergence diagnostics are attached."""
@@ -194,21 +198,34 @@ class SamplePosterior(TaskPosterior):
         return dict(self._diagnostics)
 
     @property
-    def rhat_max(self) -> Tensor:
-        r"""Largest :math:`\hat R` over parameters, ``(T,)`` (NaN when a chain is constant)."""
+    def rhat_max_per_task(self) -> Tensor:
+        r"""Largest :math:`\hat R` over each task's parameters, ``(T,)`` (NaN when a chain is
+        constant)."""
         rhat = self.diagnostics()["rhat"]
         nan = torch.isnan(rhat).any(-1)
         return torch.where(nan, torch.full_like(rhat[:, 0], math.nan), rhat.nan_to_num(0).amax(-1))
 
     @property
-    def ess_bulk_min(self) -> Tensor:
-        """Smallest bulk effective sample size over parameters, ``(T,)``."""
+    def rhat_max(self) -> float:
+        r"""The largest :math:`\hat R` of the posterior, a number (NaN when some chain is
+        constant); per task in :attr:`rhat_max_per_task`."""
+        return _worst(self.rhat_max_per_task)
+
+    @property
+    def ess_bulk_min_per_task(self) -> Tensor:
+        """Smallest bulk effective sample size over each task's parameters, ``(T,)``."""
         return self.diagnostics()["ess_bulk"].amin(-1)
+
+    @property
+    def ess_bulk_min(self) -> float:
+        """The smallest bulk effective sample size of the posterior, a number; per task in
+        :attr:`ess_bulk_min_per_task`."""
+        return float(self.ess_bulk_min_per_task.min())
 
     @property
     def flagged(self) -> list[int]:
         r"""Tasks (indices) whose :math:`\hat R` exceeds :attr:`rhat_threshold`, or is NaN."""
-        rhat = self.rhat_max
+        rhat = self.rhat_max_per_task
         bad = torch.isnan(rhat) | (rhat > self.rhat_threshold)
         return [int(i) for i in bad.nonzero().flatten()]
 
@@ -227,8 +244,10 @@ class SamplePosterior(TaskPosterior):
             "num_chains": self.num_chains,
             "num_draws": self.num_draws,
             "rhat_threshold": self.rhat_threshold,
-            "rhat_max": _floats(self.rhat_max),
-            "ess_bulk_min": _floats(self.ess_bulk_min),
+            "rhat_max": self.rhat_max,
+            "rhat_max_per_task": _floats(self.rhat_max_per_task),
+            "ess_bulk_min": self.ess_bulk_min,
+            "ess_bulk_min_per_task": _floats(self.ess_bulk_min_per_task),
             "ess_bulk_median": _floats(ess_bulk.median(-1).values),
             "ess_tail_min": _floats(diag["ess_tail"].amin(-1)),
             "flagged": self.flagged,
@@ -249,3 +268,10 @@ class SamplePosterior(TaskPosterior):
 
 def _floats(values: Tensor) -> list[float]:
     return [float(v) for v in values.flatten()]
+
+
+def _worst(rhat: Tensor) -> float:
+    r"""The largest of some :math:`\hat R` values, NaN if any is."""
+    if rhat.numel() == 0:
+        return math.nan
+    return math.nan if bool(torch.isnan(rhat).any()) else float(rhat.max())

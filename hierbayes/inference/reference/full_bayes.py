@@ -51,7 +51,12 @@ from torch import Tensor
 
 from hierbayes.inference.core.joint import model_log_density
 from hierbayes.inference.posteriors.joint import predict_from_joint_draws
-from hierbayes.inference.posteriors.samples import RHAT_THRESHOLD, SamplePosterior, thinning_index
+from hierbayes.inference.posteriors.samples import (
+    RHAT_THRESHOLD,
+    SamplePosterior,
+    _worst,
+    thinning_index,
+)
 from hierbayes.inference.posteriors.unconstrained import GlobalCoordinates
 from hierbayes.inference.predictions import Prediction
 from hierbayes.inference.reference.chains import check_counts, run_pyro_chain
@@ -153,6 +158,15 @@ class FullBayesPosterior(SamplePosterior):
             if bool(torch.isnan(rhat).any()) or float(rhat.max()) > self.rhat_threshold:
                 found.append(name)
         return found
+
+    @property
+    def rhat_max(self) -> float:
+        r"""The largest :math:`\hat R` over every task's :math:`\phi` and every global, a number
+        (NaN when some chain is constant); per task in :attr:`rhat_max_per_task`, per global
+        site in :attr:`global_diagnostics`."""
+        values = [self.rhat_max_per_task.double().flatten()]
+        values += [d["rhat"].double().flatten() for d in self.global_diagnostics.values()]
+        return _worst(torch.cat(values))
 
     @property
     def converged(self) -> bool:
