@@ -40,7 +40,7 @@ def test_a_point_mass_has_zero_sd() -> None:
 
 
 def _samples(T: int = 3, D: int = 2) -> tuple[torch.Tensor, SamplePosterior]:
-    result, tasks = _result("maml")
+    result, _ = _result("maml")
     g = torch.Generator().manual_seed(0)
     draws = torch.randn(4, 300, T, D, generator=g) * torch.tensor([0.5, 2.0])
     draws[:, :, 1, 0] = 0.3  # task 1: a constant parameter, R-hat undefined

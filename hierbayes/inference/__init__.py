@@ -36,9 +36,9 @@ from hierbayes.inference.svi.llama import (
     llama_objective,
 )
 from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
+from hierbayes.inference.training.config import GuideConfig, OptimConfig, RunConfig
 from hierbayes.inference.training.distributed import DistributedTrainingError
 from hierbayes.inference.training.empirical_bayes import Convergence, UnconvergedWarning
-from hierbayes.inference.training.config import GuideConfig, OptimConfig, RunConfig
 from hierbayes.inference.training.fit import fit
 from hierbayes.inference.training.load import load
 from hierbayes.inference.training.methods import Method, methods, register_method
@@ -58,10 +58,8 @@ __all__ = [
     "FitResult",
     "FullBayesPosterior",
     "GaussianPosterior",
-    "GuideConfig",
-    "OptimConfig",
-    "RunConfig",
     "GaussianPrediction",
+    "GuideConfig",
     "HyperLaplace",
     "HyperLaplacePosterior",
     "LaplaceEvidenceObjective",
@@ -75,9 +73,11 @@ __all__ = [
     "MetaTrainingInterrupted",
     "Method",
     "MixturePrediction",
+    "OptimConfig",
     "PointMassPosterior",
     "Prediction",
     "ReferenceNotConvergedWarning",
+    "RunConfig",
     "SamplePosterior",
     "TaskMetrics",
     "TaskPosterior",
