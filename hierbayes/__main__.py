@@ -275,7 +275,7 @@ def _outputs_on_rank_zero(args: argparse.Namespace) -> Iterator[None]:
     """Under ``torchrun`` every rank runs the command (``fit`` shares each meta-batch among
     them) and rank 0 alone writes: the others write ``--out`` into a temporary folder that is
     removed afterwards, print nothing and show no progress bars."""
-    from hierbayes.inference.training.distributed import is_main_process
+    from hierbayes.inference.training.launch import is_main_process
 
     if is_main_process():
         yield

@@ -44,7 +44,7 @@ from hierbayes.inference.training.config import (
     config_fields,
     split_options,
 )
-from hierbayes.inference.training.distributed import DistributedContext, distributed_session
+from hierbayes.inference.training.distributed import DistributedContext
 from hierbayes.inference.training.empirical_bayes import (
     full_batch_optimizer,
     run_full_batch,
@@ -53,6 +53,7 @@ from hierbayes.inference.training.empirical_bayes import (
     warn_unconverged,
 )
 from hierbayes.inference.training.guards import boundary_warnings, warning_tally
+from hierbayes.inference.training.launch import distributed_session
 from hierbayes.inference.training.loop import TrainingControl, TrainingRun
 from hierbayes.inference.training.methods import get_method
 from hierbayes.inference.training.persistence import read_run, restore_run
