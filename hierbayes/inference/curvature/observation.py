@@ -13,25 +13,22 @@ the Fisher information :math:`F_n` of the observation distribution in its own pa
 :math:`\eta_n` pulled back through the Jacobian (Schraudolph 2002; Martens 2020). With a
 factor :math:`F_n = L_nL_n^\top` it is :math:`\tilde J^\top\tilde J + P` with whitened rows
 :math:`\tilde J_n = L_n^\top J_n`, the form the ``ggn`` and ``diag`` backends take. For
-canonical links (Normal location, Bernoulli and Categorical logits, Poisson log rate) the GGN is
-the exact Hessian of :math:`-\log p(y\mid\phi)` whenever :math:`\eta` is affine in :math:`\phi`.
+canonical links (Normal location, Bernoulli, Binomial and Categorical logits, Poisson log rate)
+the GGN is the exact Hessian of :math:`-\log p(y\mid\phi)` whenever :math:`\eta` is affine in :math:`\phi`.
 
-Exact Fisher informations (per point, zero off the listed parameters):
-
-==============================  ==================================================================
-distribution                    :math:`F` in the parameters the program passed
-==============================  ==================================================================
-Normal(loc, scale)              :math:`1/\sigma^2` (loc); :math:`2/\sigma^2` (scale, when it depends on :math:`\phi`)
-Bernoulli(logits | probs)       :math:`p(1-p)` | :math:`1/(p(1-p))`
-Categorical(logits | probs)     :math:`\operatorname{diag}(p)-pp^\top` | :math:`\operatorname{diag}(1/p)`
-Poisson(rate)                   :math:`1/\lambda`
-StudentT(df, loc, scale)        :math:`(\nu+1)/((\nu+3)\sigma^2)` (loc); :math:`2\nu/((\nu+3)\sigma^2)` (scale)
-==============================  ==================================================================
-
-Any other distribution (or a StudentT whose ``df`` depends on :math:`\phi`) gets a Monte Carlo
-Fisher: with ``S`` draws :math:`y^{(s)}_n \sim p(\cdot\mid\eta_n)` (a fixed number, from a seeded
-generator), the rows :math:`\nabla_\phi \log p(y^{(s)}_n\mid\phi)/\sqrt S`, whose Gram matrix
-is an unbiased estimate of :math:`J_n^\top F_n J_n`. Every site's ``scale`` and ``mask`` and the
+The Fisher informations are exact for the common families
+(:mod:`~hierbayes.inference.curvature.families`: Normal, StudentT, Bernoulli, Binomial,
+Geometric, NegativeBinomial, Categorical, Poisson, Exponential, Gamma, Beta, LogNormal,
+Laplace, Cauchy, HalfNormal, HalfCauchy, Gumbel). Any other distribution (or a StudentT whose
+``df``, a Binomial or NegativeBinomial whose count depends on :math:`\phi`) gets a Monte Carlo
+Fisher: with ``S`` draws :math:`y^{(s)}_n \sim p(\cdot\mid\eta_n)`, the rows
+:math:`\nabla_\phi \log p(y^{(s)}_n\mid\phi)/\sqrt S`, whose Gram matrix is an unbiased estimate
+of :math:`J_n^\top F_n J_n`. The draws come from a generator seeded with a constant (0, unless
+the caller passes one), so the estimate, and an evidence built on it, is a deterministic
+function of its input, as a deterministic optimiser's line search needs; the global random
+stream is left alone. For a discrete family the draws still jump as :math:`\phi` moves, so the
+estimate is piecewise smooth in :math:`\theta` and a line search can stall at a jump: prefer
+``curvature="full"`` there. Every site's ``scale`` and ``mask`` and the
 batch's padding mask ``(T, N)`` weight the rows; one batched reverse-mode call
 (``is_grads_batched``) gives every row of every task, differentiable into :math:`\theta` through
 :math:`\hat\phi` when ``inputs.create_graph``.
@@ -49,11 +46,11 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hierbayes.errors import ModelContractError
 from hierbayes.inference.curvature.base import CurvatureInputs
+from hierbayes.inference.curvature.families import exact_fisher
 from hierbayes.models.density import PyroTaskDensity
 from hierbayes.models.structure import trace_nodes
 
@@ -151,54 +148,6 @@ def _unwrap(fn: Any, weights: Tensor, value: Tensor) -> tuple[Any, Tensor]:
         elif not mask:
             weights = weights * 0.0
     return base, weights.expand(full)
-
-
-def _depends_on(value: Tensor, phi: Tensor) -> bool:
-    if not value.requires_grad:
-        return False
-    (grad,) = torch.autograd.grad(value.sum(), phi, retain_graph=True, allow_unused=True)
-    return grad is not None
-
-
-def exact_fisher(fn: Any, phi: Tensor) -> list[tuple[Tensor, Tensor]] | None:
-    r"""``[(eta, factor)]`` for ``fn``'s parameters that depend on :math:`\phi`, ``eta``
-    ``(*batch, k)`` and ``factor`` ``(*batch, k)`` (diagonal :math:`L`) or ``(*batch, k, k)``
-    with :math:`F = LL^\top`; ``None`` where no exact Fisher is known (Monte Carlo then)."""
-    tiny = torch.finfo(phi.dtype).tiny
-    shape = fn.batch_shape
-
-    def scalar(param: Tensor, root_fisher: Tensor) -> tuple[Tensor, Tensor]:
-        return param.expand(shape).unsqueeze(-1), root_fisher.expand(shape).unsqueeze(-1)
-
-    if type(fn) is dist.Normal:
-        pieces = [scalar(fn.loc, 1.0 / fn.scale)]
-        if _depends_on(fn.scale, phi):
-            pieces.append(scalar(fn.scale, 2.0**0.5 / fn.scale))
-        return pieces
-    if type(fn) is dist.StudentT:
-        if _depends_on(fn.df, phi):
-            return None
-        df, scale = fn.df, fn.scale
-        pieces = [scalar(fn.loc, ((df + 1) / (df + 3)).sqrt() / scale)]
-        if _depends_on(scale, phi):
-            pieces.append(scalar(scale, (2 * df / (df + 3)).sqrt() / scale))
-        return pieces
-    # Bernoulli and Categorical in their logits, however they were built: the Fisher transforms
-    # with the chain rule, so J_logits^T F_logits J_logits is the same matrix as in probs
-    if type(fn) is dist.Bernoulli:
-        # sqrt(p (1 - p)) from log-probabilities: finite gradients where p underflows
-        logits = fn.logits
-        root = torch.exp(0.5 * (F.logsigmoid(logits) + F.logsigmoid(-logits)))
-        return [scalar(logits, root)]
-    if type(fn) is dist.Poisson:
-        return [scalar(fn.rate, fn.rate.clamp_min(tiny).rsqrt())]
-    if type(fn) is dist.Categorical:
-        logits = fn.logits
-        logits = logits.expand(*shape, logits.shape[-1])
-        log_p = torch.log_softmax(logits, -1)
-        p, root = log_p.exp(), (0.5 * log_p).exp()  # sqrt(p) with finite gradients at p -> 0
-        return [(logits, torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2))]
-    return None
 
 
 def _exact_rows(
