@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from hierbayes.models.network_ops import torch_step
 from hierbayes.models.network_plan import (
     SUPPORTED_LAYERS,
     ActivationStep,
@@ -44,7 +45,6 @@ from hierbayes.models.network_plan import (
     LinearStep,
     PlanStep,
     network_plan,
-    torch_step,
 )
 
 __all__ = ["BatchedNetwork", "LayerRecord", "ParameterLayout", "unfold_patches"]
