@@ -45,7 +45,6 @@ References
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,8 +54,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hierbayes.inference.evaluation.columns import (
+    as_list,
+    in_sample_columns,
+    predictive_columns,
+    sampler_columns,
+)
 from hierbayes.inference.evaluation.comparison import ComparisonResult
-from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior
+from hierbayes.inference.evaluation.metrics import evaluate_posterior
 from hierbayes.inference.evaluation.readout import gaussian_fit, wall_time_of
 from hierbayes.inference.evaluation.wasserstein import symmetric_sqrt, wasserstein2_gaussian
 from hierbayes.inference.posteriors.base import TaskPosterior
@@ -129,7 +134,7 @@ class _ReferenceFit:
             "w2": float(w2.mean()),
             "w2_max": float(w2.max()),
         }
-        return row, {"mean_error_sd": _list(z.square().mean(-1).sqrt()), "w2": _list(w2)}
+        return row, {"mean_error_sd": as_list(z.square().mean(-1).sqrt()), "w2": as_list(w2)}
 
 
 def _check_reference(name: str, posterior: TaskPosterior) -> tuple[list[int], float]:
@@ -155,77 +160,6 @@ def _check_reference(name: str, posterior: TaskPosterior) -> tuple[list[int], fl
             stacklevel=3,
         )
     return flagged, threshold
-
-
-def _predictive_columns(
-    metrics: TaskMetrics, elpd: Mapping[str, float], levels: tuple[float, float]
-) -> tuple[dict[str, Any], dict[str, list[float | None]]]:
-    """lpd (with its 95% interval), mse or accuracy, the ELPD columns and the coverages; and
-    their per-task values."""
-    lpd_tasks = -metrics.nll.double()
-    row: dict[str, Any] = {"lpd": float(lpd_tasks.mean()), "lpd_ci95": _ci95(lpd_tasks)}
-    per_task: dict[str, list[float | None]] = {"lpd": _list(lpd_tasks)}
-    if metrics.mse is not None:
-        row["mse"] = float(metrics.mse.double().mean())
-    if metrics.accuracy is not None:
-        row["accuracy"] = float(metrics.accuracy.double().mean())
-    row.update(_elpd_columns(elpd))
-    for level in levels:
-        key = f"coverage_{round(100 * level)}"
-        cov = metrics.coverage.get(level)
-        row[key] = None if cov is None else float(cov.double().mean())
-        per_task[key] = [] if cov is None else _list(cov.double())
-    return row, per_task
-
-
-def _elpd_columns(elpd: Mapping[str, float]) -> dict[str, Any]:
-    """The ``az.compare`` columns of one row."""
-    return {
-        "elpd": elpd["elpd"],
-        "elpd_se": elpd["se"],
-        "elpd_diff": elpd["elpd_diff"],
-        "elpd_dse": elpd["dse"],
-        "elpd_rank": elpd["rank"],
-        "stacking_weight": elpd["weight"],
-    }
-
-
-def _in_sample_columns(
-    elpd: Mapping[str, float], levels: tuple[float, float]
-) -> tuple[dict[str, Any], dict[str, list[float | None]]]:
-    """Tasks without a query set: no held-out lpd, mse or coverage; the ELPD columns are
-    PSIS-LOO's, with ``p_loo`` and the largest Pareto k."""
-    row: dict[str, Any] = {"lpd": None, "lpd_ci95": None}
-    row.update(_elpd_columns(elpd), p_loo=elpd["p_loo"], pareto_k_max=elpd["pareto_k_max"])
-    for level in levels:
-        row[f"coverage_{round(100 * level)}"] = None
-    return row, {}
-
-
-def _sampler_columns(
-    posterior: SamplePosterior,
-) -> tuple[dict[str, Any], dict[str, list[float | None]]]:
-    """R-hat, ESS, flagged tasks, divergences and engine of an MCMC posterior."""
-    summary = posterior.summary()
-    row = {
-        "rhat_max": max(
-            (v for v in summary["rhat_max_per_task"] if math.isfinite(v)), default=math.nan
-        ),
-        "ess_bulk_min": summary["ess_bulk_min"],
-        "flagged": summary["flagged"],
-        "divergences": summary.get("divergences_total", sum(summary.get("divergences", []))),
-        "engine": posterior.engine,
-    }
-    if "globals" in summary:  # full Bayes: the globals' diagnostics too
-        rhats = [v for g in summary["globals"].values() for v in _flat(g.get("rhat", []))]
-        esss = [v for g in summary["globals"].values() for v in _flat(g.get("ess_bulk", []))]
-        row["globals_rhat_max"] = max(rhats, default=math.nan)
-        row["globals_ess_bulk_min"] = min(esss, default=math.nan)
-        row["globals_flagged"] = summary.get("globals_flagged", [])
-    return row, {
-        "rhat_max": summary["rhat_max_per_task"],
-        "ess_bulk_min": summary["ess_bulk_min_per_task"],
-    }
 
 
 def compare_approximations(
@@ -349,10 +283,10 @@ def compare_approximations(
     for name in names:
         posterior = posteriors[name]
         if in_sample:
-            row, tasks_row = _in_sample_columns(elpd[name], levels)
+            row, tasks_row = in_sample_columns(elpd[name], levels)
         else:
             metrics = evaluate_posterior(posterior, tasks, levels=levels, **options.get(name, {}))
-            row, tasks_row = _predictive_columns(metrics, elpd[name], levels)
+            row, tasks_row = predictive_columns(metrics, elpd[name], levels)
         if ref_fit is not None:
             distance_row, distance_tasks = ref_fit.distances(posterior, draws[name])
             row.update(distance_row)
@@ -363,7 +297,7 @@ def compare_approximations(
         row["num_draws"] = sizes[name]
         row["is_reference"] = name == ref_name
         if isinstance(posterior, SamplePosterior):
-            sampler_row, sampler_tasks = _sampler_columns(posterior)
+            sampler_row, sampler_tasks = sampler_columns(posterior)
             row.update(sampler_row)
             tasks_row.update(sampler_tasks)
         table[name] = row
@@ -388,19 +322,3 @@ def compare_approximations(
             "ranks, dse and stacking weights",
         ),
     )
-
-
-def _flat(value: Any) -> list[float]:
-    """A float or a nested list of floats, as a flat list."""
-    if isinstance(value, (list, tuple)):
-        return [v for item in value for v in _flat(item)]
-    return [float(value)]
-
-
-def _ci95(values: Tensor) -> float:
-    n = values.numel()
-    return 1.96 * float(values.std()) / math.sqrt(n) if n > 1 else math.nan
-
-
-def _list(values: Tensor) -> list[float | None]:
-    return [float(v) if math.isfinite(float(v)) else None for v in values.flatten()]
