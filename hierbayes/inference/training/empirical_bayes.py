@@ -14,21 +14,14 @@ where Adam on batches of tasks wanders for thousands: :func:`run_full_batch` tak
 ``torch.optim.LBFGS`` with a strong-Wolfe line search (Nocedal & Wright 2006, §7.2 and
 §3.1), all tasks every iteration, on the unconstrained values of the globals.
 
-**Convergence** (:class:`Convergence`, ``FitResult.convergence``). A full-batch run stops
-when :math:`\lVert\nabla\mathcal L\rVert_2 \le` ``grad_tolerance`` (the gradient with respect
-to every trained parameter, in the unconstrained space the optimiser moves) or when the
-relative change of the loss in one iteration,
-:math:`|\mathcal L_{k-1} - \mathcal L_k| / \max(|\mathcal L_{k-1}|, |\mathcal L_k|, 1)`, is at
-most ``loss_tolerance`` (SciPy's ``ftol`` rule). A stochastic (Adam) run is judged by the
-trend of its loss: it is unconverged when the mean loss of its last fifth of steps lies below
-that of the fifth before by more than three standard errors and more than
-:data:`TREND_TOLERANCE` relatively (the loss is still falling), and, for a run on a finite
-query-less task set, when the gradient norm over all tasks at the end exceeds
-``grad_tolerance``. An unconverged full-batch run warns, and so does an unconverged
-stochastic run of an evidence objective on a finite task set (empirical Bayes, where an
-optimum exists and the full-batch optimiser is the fix); a meta-learning run over an endless
-family or by a query-based objective is judged on held-out tasks, so its report is in
-``FitResult.convergence`` only.
+**Convergence** (:class:`~hierbayes.inference.training.convergence.Convergence`,
+``FitResult.convergence``; :mod:`~hierbayes.inference.training.convergence`). A full-batch run
+is converged when :math:`\lVert\nabla\mathcal L\rVert_2 \le` ``grad_tolerance``, and only
+then. It also stops when the relative change of the loss in an iteration is at most
+``loss_tolerance`` (or 0: the line search made no progress), but with the gradient above its
+tolerance that is reported as a stall (``converged=False``, ``stalled=True``) and warned about,
+with advice for the cause: a loose ``loss_tolerance``, or an objective that is not smooth at
+the working precision (float32, a Monte Carlo curvature, a mode search stopped at a tolerance).
 
 **The boundary** (:func:`boundary_sites`). A group scale :math:`\tau` whose marginal
 likelihood peaks at :math:`\tau = 0` (eight schools) has no interior optimum; with the
@@ -48,11 +41,8 @@ References
 from __future__ import annotations
 
 import math
-import statistics
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -60,77 +50,37 @@ from pyro.distributions import constraints
 from torch import Tensor
 
 from hierbayes.errors import NumericalError, TaskDataError
-from hierbayes.inference.svi.llama import LaplaceEvidenceObjective
-from hierbayes.inference.svi.objectives import MetaObjective
+from hierbayes.inference.objectives import LaplaceEvidenceObjective, MetaObjective
+from hierbayes.inference.training.convergence import (
+    TREND_TOLERANCE,
+    Convergence,
+    UnconvergedWarning,
+    all_tasks,
+    gradient_norm,
+    relative_change,
+    stall_reason,
+    stochastic_convergence,
+    warn_unconverged,
+)
 from hierbayes.tasks.batch import TaskBatch
 
 if TYPE_CHECKING:
     from hierbayes.inference.training.result import FitResult
 
+# The report and the stochastic path's judgement live in convergence.py, re-exported here.
 __all__ = [
     "TREND_TOLERANCE",
     "Convergence",
     "UnconvergedWarning",
     "all_tasks",
     "full_batch_optimizer",
+    "gradient_norm",
     "positive_scalar_sites",
     "run_full_batch",
     "stochastic_convergence",
     "uses_full_batch",
     "warn_unconverged",
 ]
-
-#: A stochastic run is still falling when its last fifth's mean loss is this much (relative)
-#: below the fifth before, and by more than three standard errors.
-TREND_TOLERANCE = 1e-3
-#: The fewest steps whose loss trend a stochastic run is judged by.
-_MIN_TREND_STEPS = 50
-
-
-class UnconvergedWarning(UserWarning):
-    """``fit`` stopped before its convergence criterion was met."""
-
-
-@dataclass(frozen=True)
-class Convergence:
-    """How a run of :func:`~hierbayes.inference.fit` ended (``FitResult.convergence``).
-
-    Attributes
-    ----------
-    converged:
-        Whether the criterion was met (``False`` also when a stochastic run was too short to
-        judge; ``reason`` says which).
-    reason:
-        Why the run stopped, in words.
-    steps:
-        Optimiser iterations taken (L-BFGS iterations, or meta-steps).
-    optimizer:
-        ``"lbfgs"`` (full batch) or ``"adam"`` (or ``"custom"`` for a user's optimiser).
-    loss:
-        The final loss (full batch: all tasks; stochastic: the mean of the last fifth).
-    grad_norm:
-        :math:`\\lVert\\nabla\\mathcal L\\rVert_2` at the end over every trained parameter
-        (stochastic runs: on all tasks of a finite query-less set, else on the last batch);
-        ``None`` when not computed.
-    relative_change:
-        Full batch: the last iteration's relative change of the loss; stochastic: the relative
-        fall of the mean loss between the last two fifths of the run.
-    grad_tolerance, loss_tolerance:
-        The tolerances the run was judged by.
-    function_evaluations:
-        Objective evaluations (full batch; line-search trials included).
-    """
-
-    converged: bool
-    reason: str
-    steps: int
-    optimizer: str
-    loss: float
-    grad_norm: float | None
-    relative_change: float | None
-    grad_tolerance: float
-    loss_tolerance: float
-    function_evaluations: int | None = None
 
 
 def uses_full_batch(
@@ -191,17 +141,6 @@ def full_batch_optimizer(parameters: list[Tensor]) -> torch.optim.LBFGS:
     )
 
 
-def _grad_norm(parameters: list[Tensor]) -> float:
-    total = sum(
-        float(p.grad.detach().double().square().sum()) for p in parameters if p.grad is not None
-    )
-    return math.sqrt(total)
-
-
-def _relative_change(previous: float, current: float) -> float:
-    return abs(previous - current) / max(abs(previous), abs(current), 1.0)
-
-
 def positive_scalar_sites(result: FitResult) -> list[str]:
     names = []
     for site in result.guide.structure.global_sites:
@@ -229,7 +168,11 @@ def run_full_batch(
 
     Each iteration evaluates the objective and its gradient on every task (one batch, padded
     and masked), checks the criterion, then takes one L-BFGS step with a strong-Wolfe line
-    search. ``result.history`` gets the loss at the start of each iteration.
+    search. ``result.history`` gets the loss at the start of each iteration. The run is
+    converged when the gradient norm is at most ``grad_tolerance``; it stops unconverged
+    (``stalled``) when the loss changed by at most ``loss_tolerance`` (relative) in an
+    iteration first, at a positive scalar global falling to its boundary, or after
+    ``max_steps`` iterations.
 
     Raises
     ------
@@ -277,14 +220,14 @@ def run_full_batch(
     previous = result.history[-1] if result.history else None
     change: float | None = None
     reason = f"the most iterations, meta_steps={max_steps}, were taken"
-    converged = False
+    converged = stalled = False
     step = len(result.history)
     loss_value = float("nan")
     grad_norm = float("nan")
     while True:
         loss = closure()
         loss_value = float(loss)
-        grad_norm = _grad_norm(parameters)
+        grad_norm = gradient_norm(parameters)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             raise MetaTrainingDiverged(
                 f"L-BFGS iteration {step}: the {result.method} objective is {loss_value} (gradient "
@@ -293,13 +236,14 @@ def run_full_batch(
                 result,
             )
         if previous is not None:
-            change = _relative_change(previous, loss_value)
-        if grad_norm <= grad_tolerance:
-            converged, reason = True, f"gradient norm {grad_norm:.3g} <= grad_tolerance"
-            break
-        if change is not None and change <= loss_tolerance:
+            change = relative_change(previous, loss_value)
+        if grad_norm <= grad_tolerance:  # converged: the gradient test, and only it
             converged = True
-            reason = f"relative change of the loss {change:.3g} <= loss_tolerance"
+            reason = f"gradient norm {grad_norm:.3g} <= grad_tolerance {grad_tolerance:.3g}"
+            break
+        if change is not None and change <= loss_tolerance:  # the loss stopped changing first
+            stalled = True
+            reason = stall_reason(change, loss_tolerance, grad_norm, grad_tolerance)
             break
         values = guide.global_values()
         low = [n for n in sites if float(values[n].detach().reshape(())) < tiny]
@@ -333,119 +277,5 @@ def run_full_batch(
         grad_tolerance=grad_tolerance,
         loss_tolerance=loss_tolerance,
         function_evaluations=evaluations,
+        stalled=stalled,
     )
-
-
-def stochastic_convergence(
-    result: FitResult,
-    source: Any,
-    *,
-    grad_tolerance: float,
-    loss_tolerance: float,
-    dtype: torch.dtype | None,
-    device: torch.device,
-    optimizer: str,
-    query_less: bool,
-) -> Convergence:
-    """Judge a stochastic run by the trend of its loss history (and, on a finite query-less
-    task set, by the gradient norm over all tasks at its end)."""
-    history = result.history
-    steps = len(history)
-    window = steps // 5
-    grad_norm: float | None = None
-    change: float | None = None
-    if steps < _MIN_TREND_STEPS or window < 10:
-        final = history[-1] if history else float("nan")
-        return Convergence(
-            False,
-            f"too few steps ({steps}) to judge the loss trend (at least {_MIN_TREND_STEPS})",
-            steps,
-            optimizer,
-            final,
-            None,
-            None,
-            grad_tolerance,
-            loss_tolerance,
-        )
-    before, last = history[-2 * window : -window], history[-window:]
-    mean_before, mean_last = statistics.fmean(before), statistics.fmean(last)
-    spread = math.sqrt((statistics.variance(before) + statistics.variance(last)) / window)
-    change = (mean_before - mean_last) / max(abs(mean_last), 1.0)
-    falling = mean_before - mean_last > 3 * spread and change > TREND_TOLERANCE
-    if query_less:  # the objective is a deterministic function of the globals: its gradient
-        batch = all_tasks(source, dtype, device)
-        state = result.training
-        if state is None:  # pragma: no cover - fit always sets it
-            raise RuntimeError("the result has no training state")
-        parameters = [p for group in state.optimizer.param_groups for p in group["params"]]
-        for p in parameters:
-            p.grad = None
-        result.objective.meta_loss(result.guide, batch).backward()
-        grad_norm = _grad_norm(parameters)
-        for p in parameters:
-            p.grad = None
-    if falling:
-        reason = (
-            f"the loss is still falling: the mean of the last {window} steps is "
-            f"{change:.2%} below the {window} before"
-        )
-        converged = False
-    elif grad_norm is not None and grad_norm > grad_tolerance:
-        reason = f"gradient norm over all tasks {grad_norm:.3g} > grad_tolerance"
-        converged = False
-    else:
-        reason = "the loss has levelled off over the last two fifths of the run"
-        converged = True
-    return Convergence(
-        converged,
-        reason,
-        steps,
-        optimizer,
-        mean_last,
-        grad_norm,
-        change,
-        grad_tolerance,
-        loss_tolerance,
-    )
-
-
-def warn_unconverged(convergence: Convergence, result: FitResult) -> None:
-    """A :class:`UnconvergedWarning` with advice for how ``convergence``'s run ended (nothing
-    for a converged run, or a stochastic run too short to judge)."""
-    if convergence.converged or convergence.reason.startswith("too few steps"):
-        return
-    config = result.config
-    if convergence.optimizer == "lbfgs":
-        if "boundary" in convergence.reason:
-            return  # warn_at_boundary explains it
-        advice = (
-            f"raise meta_steps (now {config.get('meta_steps')}), or loosen grad_tolerance / "
-            "loss_tolerance; in float32 the line search stalls early, so fit in float64 "
-            "(dtype=torch.float64)"
-        )
-    else:
-        # Meta-learning over an endless family, or by a query-based objective, is judged on
-        # held-out tasks, not by an optimum: its report is in result.convergence, unwarned.
-        evidence = isinstance(result.objective, LaplaceEvidenceObjective)
-        if not evidence or config.get("num_tasks") is None:
-            return
-        advice = (
-            f"raise meta_steps (now {config.get('meta_steps')}) or lr (now {config.get('lr')}), "
-            "or fit all tasks at once with the deterministic optimiser, full_batch=True (L-BFGS "
-            "with a line search)"
-        )
-    warnings.warn(
-        f"fit stopped before converging after {convergence.steps} {convergence.optimizer} "
-        f"iterations: {convergence.reason}; the global estimates are not at the optimum of the "
-        f"{result.method} objective. To fix it, {advice}. result.convergence has the details",
-        UnconvergedWarning,
-        stacklevel=4,
-    )
-
-
-def all_tasks(source: Any, dtype: torch.dtype | None, device: torch.device) -> TaskBatch:
-    """Every task of a finite source, drawn with a private generator (the global random
-    stream and the run's sampler are left alone)."""
-    generator = torch.Generator().manual_seed(0)
-    batch: TaskBatch = source.sample(source.num_tasks, generator=generator, dtype=dtype)
-    return batch.to(device)
