@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from hierbayes.inference import fit
-from hierbayes.inference.evaluation.metrics import evaluate_posterior
+from hierbayes.inference.diagnostics.metrics import evaluate_posterior
 from hierbayes.inference.posteriors.base import PointMassPosterior
 from hierbayes.inference.posteriors.laplace import laplace_posterior
 from hierbayes.inference.predictions import DrawsPrediction

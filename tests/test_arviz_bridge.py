@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from hierbayes.inference import PointMassPosterior
-from hierbayes.inference.evaluation.arviz_bridge import (
+from hierbayes.inference.diagnostics.arviz_bridge import (
     compare_elpd,
     convergence_diagnostics,
     heldout_pointwise,
@@ -20,7 +20,7 @@ from hierbayes.inference.evaluation.arviz_bridge import (
     plot_posterior,
     to_inference_data,
 )
-from hierbayes.inference.evaluation.readout import posterior_draws
+from hierbayes.inference.diagnostics.readout import posterior_draws
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.gaussian import GaussianPosterior
 from hierbayes.inference.posteriors.samples import SamplePosterior
@@ -225,10 +225,10 @@ def test_arviz_is_imported_by_the_bridge_only() -> None:
         )
     )
     assert importers == [
-        "inference/evaluation/arviz_bridge/diagnostics.py",
-        "inference/evaluation/arviz_bridge/elpd.py",
-        "inference/evaluation/arviz_bridge/figures.py",
-        "inference/evaluation/arviz_bridge/inference_data.py",
+        "inference/diagnostics/arviz_bridge/diagnostics.py",
+        "inference/diagnostics/arviz_bridge/elpd.py",
+        "inference/diagnostics/arviz_bridge/figures.py",
+        "inference/diagnostics/arviz_bridge/inference_data.py",
     ]
 
 
@@ -279,7 +279,7 @@ def test_layers_import_one_way() -> None:
 
     root = Path(__file__).resolve().parents[1] / "hierbayes" / "inference"
     forbidden = {
-        "posteriors": ("hierbayes.inference.evaluation", "hierbayes.inference.reference"),
+        "posteriors": ("hierbayes.inference.diagnostics", "hierbayes.inference.reference"),
         "evaluation": ("hierbayes.inference.reference",),
     }
     for layer, banned in forbidden.items():
@@ -304,7 +304,7 @@ def test_variables_are_named_after_the_sites_and_az_loo_refuses_heldout_points()
     import pyro.distributions as dist
 
     from hierbayes.inference import fit
-    from hierbayes.inference.arviz_bridge import observed_variable, posterior_variable
+    from hierbayes.inference.diagnostics import observed_variable, posterior_variable
     from tests.helpers import regression_batch
 
     def line(x, y=None):  # type: ignore[no-untyped-def]

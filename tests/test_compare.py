@@ -24,11 +24,11 @@ from hierbayes.experiments.compare import (
     run_compare,
 )
 from hierbayes.inference import PointMassPosterior, TaskPosterior
-from hierbayes.inference.evaluation.compare import (
+from hierbayes.inference.diagnostics.compare import (
     ReferenceNotConvergedWarning,
     compare_approximations,
 )
-from hierbayes.inference.evaluation.wasserstein import symmetric_sqrt, wasserstein2_gaussian
+from hierbayes.inference.diagnostics.wasserstein import symmetric_sqrt, wasserstein2_gaussian
 from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.inference.reference.meanfield import meanfield_vi
 from hierbayes.inference.reference.nuts import nuts_numpyro
@@ -282,7 +282,7 @@ def test_reference_choice(linear_case: dict[str, Any]) -> None:
 
 
 @pytest.mark.filterwarnings(
-    "ignore::hierbayes.inference.evaluation.compare.ReferenceNotConvergedWarning"
+    "ignore::hierbayes.inference.diagnostics.compare.ReferenceNotConvergedWarning"
 )
 def test_compare_experiment_linear_quick(tmp_path: Path) -> None:
     report = run_compare(CompareSettings.quick(), tmp_path, problems=("linear",))
@@ -327,7 +327,7 @@ def test_compare_experiment_linear_quick(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings(
-    "ignore::hierbayes.inference.evaluation.compare.ReferenceNotConvergedWarning"
+    "ignore::hierbayes.inference.diagnostics.compare.ReferenceNotConvergedWarning"
 )
 def test_compare_command_quick(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()

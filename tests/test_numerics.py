@@ -15,7 +15,7 @@ from hierbayes.inference.core.numerics import (
     nonnegative_eigenvalues,
     roundoff_tolerance,
 )
-from hierbayes.inference.evaluation.wasserstein import symmetric_sqrt
+from hierbayes.inference.diagnostics.wasserstein import symmetric_sqrt
 
 
 def test_a_materially_negative_entry_is_clamped_with_a_count() -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference import MixturePrediction
-from hierbayes.inference.evaluation.arviz_bridge import convergence_diagnostics
+from hierbayes.inference.diagnostics.arviz_bridge import convergence_diagnostics
 from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.inference.reference.nuts import initial_points, nuts_numpyro, nuts_pyro
 from hierbayes.models import BayesianLinearRegression, model_structure
@@ -160,7 +160,7 @@ def test_jax_and_arviz_stay_optional_at_import() -> None:
     """Importing the NUTS, comparison and VI modules loads neither JAX nor ArviZ."""
     code = (
         "import sys\n"
-        "import hierbayes.inference.reference.nuts, hierbayes.inference.evaluation.compare\n"
+        "import hierbayes.inference.reference.nuts, hierbayes.inference.diagnostics.compare\n"
         "import hierbayes.inference.reference.meanfield, hierbayes.experiments.compare\n"
         "print(sorted(m for m in ('jax', 'numpyro', 'arviz') if m in sys.modules))\n"
     )

@@ -81,7 +81,7 @@ def readme_model(x: Tensor, y: Tensor | None = None) -> None:
 
 
 def test_repro_01_the_readme_model_converts_to_inference_data() -> None:
-    from hierbayes.inference.arviz_bridge import to_inference_data
+    from hierbayes.inference.diagnostics import to_inference_data
     from hierbayes.tasks import SinusoidTasks
 
     tasks = SinusoidTasks(shots=10, query_shots=10)

@@ -3,13 +3,13 @@
 from hierbayes.inference.core.evidence import laplace_log_evidence
 from hierbayes.inference.core.inner_loop import gradient_steps
 from hierbayes.inference.core.laplace import linearized_predictive
-from hierbayes.inference.evaluation.compare import (
+from hierbayes.inference.diagnostics.compare import (
     ComparisonResult,
     ReferenceNotConvergedWarning,
     compare_approximations,
 )
-from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior, mean_ci95
-from hierbayes.inference.evaluation.wasserstein import wasserstein2_gaussian
+from hierbayes.inference.diagnostics.metrics import TaskMetrics, evaluate_posterior, mean_ci95
+from hierbayes.inference.diagnostics.wasserstein import wasserstein2_gaussian
 from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
 from hierbayes.inference.posteriors.gaussian import GaussianPosterior
 from hierbayes.inference.posteriors.hyper_laplace import (

@@ -11,7 +11,7 @@ tasks adapted by every method with the same :math:`\hat\theta` (and noise scale)
 
 Rows: ``maml`` (the point mass), ``laplace_<curvature>`` (see :func:`laplace_approximations`),
 ``meanfield_vi``, ``nuts_pyro``, ``nuts_numpyro`` (the reference) and, for the linear problem,
-``exact``. :func:`~hierbayes.inference.evaluation.compare.compare_approximations` scores them; ``DIR``
+``exact``. :func:`~hierbayes.inference.diagnostics.compare.compare_approximations` scores them; ``DIR``
 receives ``metrics.json``::
 
     {"linear":   {"approximations": {"maml": {...}, ...}, "reference": ..., ...},

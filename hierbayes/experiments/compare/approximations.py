@@ -3,7 +3,7 @@ r"""The rows every ``compare`` problem shares, and how one problem is scored.
 Rows: ``maml`` (the point mass), ``laplace_<curvature>`` (:func:`laplace_approximations`),
 ``meanfield_vi``, ``nuts_pyro`` and ``nuts_numpyro`` (the reference), all from the same
 meta-trained :math:`\hat\theta`; :func:`score_problem` compares them with
-:func:`~hierbayes.inference.evaluation.compare.compare_approximations` and saves the figures.
+:func:`~hierbayes.inference.diagnostics.compare.compare_approximations` and saves the figures.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from hierbayes.experiments.compare.settings import CompareSettings
 from hierbayes.inference import FitResult, TaskPosterior
-from hierbayes.inference.evaluation.compare import ComparisonResult, compare_approximations
+from hierbayes.inference.diagnostics.compare import ComparisonResult, compare_approximations
 from hierbayes.inference.posteriors.laplace import laplace_posterior
 from hierbayes.inference.reference.meanfield import meanfield_vi
 from hierbayes.inference.reference.nuts import nuts_numpyro, nuts_pyro
@@ -84,7 +84,7 @@ def shared_approximations(
 
     Returns the posteriors and their wall times in seconds (the NUTS and mean-field rows carry
     their own ``wall_time``, which
-    :func:`~hierbayes.inference.evaluation.compare.compare_approximations` reads).
+    :func:`~hierbayes.inference.diagnostics.compare.compare_approximations` reads).
     """
     density, params, seed = result.guide.density, result.params, settings.seed
     posteriors: dict[str, TaskPosterior] = {}

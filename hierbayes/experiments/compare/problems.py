@@ -25,7 +25,7 @@ from hierbayes.experiments.compare.approximations import (
 )
 from hierbayes.experiments.compare.settings import HELDOUT_SEED, CompareSettings
 from hierbayes.inference import fit, linear_gaussian
-from hierbayes.inference.evaluation.compare import ComparisonResult
+from hierbayes.inference.diagnostics.compare import ComparisonResult
 from hierbayes.inference.posteriors.gaussian import GaussianPosterior
 from hierbayes.models import BayesianLinearRegression, GaussianLikelihood, NeuralRegression
 from hierbayes.models.density import TaskDensity

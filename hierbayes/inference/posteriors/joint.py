@@ -14,7 +14,7 @@ Their draws of :math:`\phi` come with the draws of the globals they were made wi
 predictive must use the pair: :math:`p(y\mid x, \mathcal D) \approx \frac1S \sum_s p(y \mid x,
 \phi^{(s)}_j, \theta^{(s)})` (in a grouped regression the noise scale and the population-level
 weights are globals). :class:`JointDrawsPosterior` is the declared protocol the evaluation reads
-(:func:`~hierbayes.inference.evaluation.readout.posterior_draws` and the ArviZ bridge), and
+(:func:`~hierbayes.inference.diagnostics.readout.posterior_draws` and the ArviZ bridge), and
 :func:`predict_from_joint_draws` the mixture over pairs, one model evaluation per draw.
 """
 

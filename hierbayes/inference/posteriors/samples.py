@@ -5,7 +5,7 @@ the wall time of the run and the chains' convergence diagnostics (rank-normalise
 :math:`\hat R`, bulk and tail effective sample sizes; Vehtari et al. 2021). The samplers of
 :mod:`hierbayes.inference.reference.nuts` return one with its diagnostics attached; for draws
 of your own, pass ``diagnostics=convergence_diagnostics(draws)``
-(:func:`hierbayes.inference.evaluation.arviz_bridge.convergence_diagnostics`). A task whose
+(:func:`hierbayes.inference.diagnostics.arviz_bridge.convergence_diagnostics`). A task whose
 largest :math:`\hat R` exceeds ``rhat_threshold`` (1.01) is listed in
 :attr:`SamplePosterior.flagged`. Its predictive is the equal-weight mixture over the draws
 (:func:`~hierbayes.inference.posteriors.mixture.predict_from_draws`).
@@ -71,7 +71,7 @@ class SamplePosterior(TaskPosterior):
     diagnostics:
         ``{"rhat", "ess_bulk", "ess_tail"}``, each ``(T, D)``: the rank-normalised split
         :math:`\hat R` and the bulk and tail ESS of Vehtari et al. (2021) per task and
-        parameter, as :func:`~hierbayes.inference.evaluation.arviz_bridge.convergence_diagnostics`
+        parameter, as :func:`~hierbayes.inference.diagnostics.arviz_bridge.convergence_diagnostics`
         computes them. The samplers attach them; without them :meth:`diagnostics` and what
         reads it raise.
     rhat_threshold:
@@ -192,7 +192,7 @@ class SamplePosterior(TaskPosterior):
             raise ValueError(
                 "this SamplePosterior carries no convergence diagnostics; the samplers attach "
                 "them. For draws of your own pass diagnostics=convergence_diagnostics(draws) "
-                "(hierbayes.inference.evaluation.arviz_bridge), or call "
+                "(hierbayes.inference.diagnostics.arviz_bridge), or call "
                 "posterior.with_diagnostics(...)"
             )
         return dict(self._diagnostics)

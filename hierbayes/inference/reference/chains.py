@@ -66,7 +66,7 @@ def sample_posterior(
     r"""The :class:`~hierbayes.inference.posteriors.samples.SamplePosterior` of a run, draws
     ``(C, S, T, D)``, with its convergence diagnostics computed by ArviZ (after the run, so
     they are not part of ``wall_time``)."""
-    from hierbayes.inference.evaluation.arviz_bridge import convergence_diagnostics
+    from hierbayes.inference.diagnostics.arviz_bridge import convergence_diagnostics
 
     return SamplePosterior(
         density,

@@ -252,7 +252,7 @@ def nuts_full_bayes(
     """
     tasks = as_batch(tasks, "nuts_full_bayes")
 
-    from hierbayes.inference.evaluation.arviz_bridge import convergence_diagnostics
+    from hierbayes.inference.diagnostics.arviz_bridge import convergence_diagnostics
 
     check_counts(num_warmup, num_samples, num_chains)
     density = resolve_density(model_or_density, tasks)

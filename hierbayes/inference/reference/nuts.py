@@ -28,7 +28,7 @@ Both use the same defaults as the libraries' own NUTS: windowed adaptation of th
 same starts for both engines for a given ``seed`` (:func:`initial_points`). The result is a
 :class:`~hierbayes.inference.posteriors.samples.SamplePosterior` with its convergence
 diagnostics, whose rank-normalised :math:`\hat R` flags tasks above 1.01 (never silently used
-as a reference: see :func:`hierbayes.inference.evaluation.compare.compare_approximations`).
+as a reference: see :func:`hierbayes.inference.diagnostics.compare.compare_approximations`).
 
 The engines live in :mod:`~hierbayes.inference.reference.nuts_pyro` and
 :mod:`~hierbayes.inference.reference.nuts_numpyro`, what they share in

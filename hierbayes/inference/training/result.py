@@ -15,7 +15,7 @@ from torch import Tensor
 from hierbayes.errors import HierbayesError, TaskDataError
 from hierbayes.inference.core.laplace import prior_precision
 from hierbayes.inference.core.mode import newton_mode
-from hierbayes.inference.evaluation.metrics import TaskMetrics, evaluate_posterior
+from hierbayes.inference.diagnostics.metrics import TaskMetrics, evaluate_posterior
 from hierbayes.inference.objectives import (
     LaplaceEvidenceObjective,
     LaplaceObjective,

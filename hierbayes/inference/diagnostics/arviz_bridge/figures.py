@@ -20,7 +20,7 @@ import arviz as az
 import numpy as np
 import xarray as xr
 
-from hierbayes.inference.evaluation.arviz_bridge.inference_data import posterior_variable
+from hierbayes.inference.diagnostics.arviz_bridge.inference_data import posterior_variable
 
 __all__ = ["default_parameters", "plot_forest", "plot_posterior"]
 

@@ -2,8 +2,8 @@ r"""Task posteriors as ``arviz.InferenceData`` on held-out query sets, or in sam
 
 :func:`to_inference_data` turns any :class:`~hierbayes.inference.TaskPosterior` and a batch of
 held-out tasks into the groups, dimensions and coordinates described in
-:mod:`hierbayes.inference.evaluation.arviz_bridge`. The draws of :math:`\phi` come from
-:func:`~hierbayes.inference.evaluation.readout.posterior_draws`.
+:mod:`hierbayes.inference.diagnostics.arviz_bridge`. The draws of :math:`\phi` come from
+:func:`~hierbayes.inference.diagnostics.readout.posterior_draws`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from hierbayes.inference.evaluation.readout import posterior_draws, wall_time_of
+from hierbayes.inference.diagnostics.readout import posterior_draws, wall_time_of
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.joint import JointDrawsPosterior, params_at
 from hierbayes.inference.posteriors.samples import SamplePosterior, thinning_index
@@ -191,7 +191,7 @@ def to_inference_data(
     num_draws, num_chains:
         Draws per chain and chains. MCMC posteriors keep their own chains, thinned to
         ``num_draws`` evenly spaced draws; other posteriors get ``num_chains`` chains of
-        independent draws (see :func:`~hierbayes.inference.evaluation.readout.posterior_draws`).
+        independent draws (see :func:`~hierbayes.inference.diagnostics.readout.posterior_draws`).
     seed:
         Seeds the draws of :math:`\phi` and of the posterior predictive. Gaussian posteriors
         share their standard-normal draws for a given seed (common random numbers).
@@ -202,7 +202,7 @@ def to_inference_data(
     Returns
     -------
     ``InferenceData`` with the groups and coordinates of
-    :mod:`hierbayes.inference.evaluation.arviz_bridge`.
+    :mod:`hierbayes.inference.diagnostics.arviz_bridge`.
     """
     in_sample = not tasks.has_query
     if in_sample:

@@ -1,4 +1,4 @@
-r"""The columns of one row of :func:`~hierbayes.inference.evaluation.compare.compare_approximations`'s
+r"""The columns of one row of :func:`~hierbayes.inference.diagnostics.compare.compare_approximations`'s
 table: held-out predictive scores, ArviZ's ELPD, in-sample PSIS-LOO, and an MCMC posterior's
 diagnostics; each with its per-task values."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hierbayes.inference.evaluation.metrics import TaskMetrics
+from hierbayes.inference.diagnostics.metrics import TaskMetrics
 from hierbayes.inference.posteriors.samples import SamplePosterior
 
 __all__ = ["as_list", "in_sample_columns", "predictive_columns", "sampler_columns"]

@@ -1,4 +1,4 @@
-r"""What :func:`~hierbayes.inference.evaluation.compare.compare_approximations` returns: a table
+r"""What :func:`~hierbayes.inference.diagnostics.compare.compare_approximations` returns: a table
 of plain values per approximation, per-task values, the ArviZ data and the figures.
 
 :meth:`ComparisonResult.to_dict` is what ``metrics.json`` holds (NaN and infinities become
@@ -22,14 +22,14 @@ __all__ = ["ComparisonResult"]
 
 @dataclass
 class ComparisonResult:
-    r"""What :func:`~hierbayes.inference.evaluation.compare.compare_approximations` returns.
+    r"""What :func:`~hierbayes.inference.diagnostics.compare.compare_approximations` returns.
 
     Attributes
     ----------
     table:
         One row per approximation (in the order given): plain floats, ints, lists and
         ``None``; see
-        :func:`~hierbayes.inference.evaluation.compare.compare_approximations` for the columns.
+        :func:`~hierbayes.inference.diagnostics.compare.compare_approximations` for the columns.
     per_task:
         Per approximation, per-task values: ``lpd``, ``coverage_50``, ``coverage_90``,
         ``mean_error_sd`` (root mean square over parameters), ``w2``.
@@ -112,7 +112,7 @@ class ComparisonResult:
     ) -> dict[str, dict[str, str]]:
         """Save ``az.plot_forest`` (all approximations, one task) and one ``az.plot_posterior``
         per approximation as PNG files in ``folder``; return and remember their paths."""
-        from hierbayes.inference.evaluation.arviz_bridge import plot_forest, plot_posterior
+        from hierbayes.inference.diagnostics.arviz_bridge import plot_forest, plot_posterior
 
         out = Path(folder)
         forest = plot_forest(

@@ -29,7 +29,7 @@ import arviz as az
 import numpy as np
 import xarray as xr
 
-from hierbayes.inference.evaluation.arviz_bridge.inference_data import observed_variable
+from hierbayes.inference.diagnostics.arviz_bridge.inference_data import observed_variable
 
 __all__ = ["compare_elpd", "compare_loo", "heldout_pointwise"]
 

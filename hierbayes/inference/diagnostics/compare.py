@@ -11,7 +11,7 @@ sets and against a reference posterior (by default NumPyro's NUTS):
 * **ELPD** (``az.compare``): :math:`\sum_{j,m}\log\frac1S\sum_s p(y^q_{jm}\mid\phi^{(s)}_j)` from
   ``S`` draws of :math:`\phi`, with its standard error, the difference to the best and its
   paired standard error, and stacking weights (see
-  :mod:`hierbayes.inference.evaluation.arviz_bridge`);
+  :mod:`hierbayes.inference.diagnostics.arviz_bridge`);
 * **coverage** of the central 50% and 90% predictive intervals (regression);
 * **distance to the reference**, per task, between Gaussian fits
   :math:`\mathcal N(\mu_1,\Sigma_1)` (approximation) and :math:`\mathcal N(\mu_2,\Sigma_2)`
@@ -21,12 +21,12 @@ sets and against a reference posterior (by default NumPyro's NUTS):
     :math:`z_{jd} = (\mu_{1,jd}-\mu_{2,jd})/\sigma_{2,jd}`, summarised as its root mean square
     over parameters and tasks (``mean_error_sd``) and its largest magnitude;
   - the 2-Wasserstein distance :math:`W_2` between the two Gaussians
-    (:mod:`hierbayes.inference.evaluation.wasserstein`).
+    (:mod:`hierbayes.inference.diagnostics.wasserstein`).
 
   The Gaussian fit of a posterior that states its covariance (Laplace, mean-field, exact) is
   its own mean and covariance; of NUTS draws, their sample mean and covariance (all draws); of
   anything else, the moments of ``num_chains·num_draws`` draws
-  (:func:`~hierbayes.inference.evaluation.readout.gaussian_fit`).
+  (:func:`~hierbayes.inference.diagnostics.readout.gaussian_fit`).
 * **wall time**: seconds to compute the approximation of these tasks given :math:`\hat\theta`
   (``wall_times`` or the posterior's recorded ``wall_time``; meta-training excluded).
 
@@ -54,16 +54,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hierbayes.inference.evaluation.columns import (
+from hierbayes.inference.diagnostics.columns import (
     as_list,
     in_sample_columns,
     predictive_columns,
     sampler_columns,
 )
-from hierbayes.inference.evaluation.comparison import ComparisonResult
-from hierbayes.inference.evaluation.metrics import evaluate_posterior
-from hierbayes.inference.evaluation.readout import gaussian_fit, wall_time_of
-from hierbayes.inference.evaluation.wasserstein import symmetric_sqrt, wasserstein2_gaussian
+from hierbayes.inference.diagnostics.comparison import ComparisonResult
+from hierbayes.inference.diagnostics.metrics import evaluate_posterior
+from hierbayes.inference.diagnostics.readout import gaussian_fit, wall_time_of
+from hierbayes.inference.diagnostics.wasserstein import symmetric_sqrt, wasserstein2_gaussian
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.samples import RHAT_THRESHOLD, SamplePosterior
 from hierbayes.tasks.batch import TaskBatch
@@ -208,7 +208,7 @@ def compare_approximations(
 
     Returns
     -------
-    :class:`~hierbayes.inference.evaluation.comparison.ComparisonResult` whose ``table`` rows
+    :class:`~hierbayes.inference.diagnostics.comparison.ComparisonResult` whose ``table`` rows
     hold ``lpd`` (mean over tasks of the per-point log predictive density) and ``lpd_ci95``,
     ``mse`` or ``accuracy``, ``elpd``, ``elpd_se``, ``elpd_diff``, ``elpd_dse``, ``elpd_rank``,
     ``stacking_weight``, ``coverage_50`` and ``coverage_90`` (named after ``levels``),
@@ -222,7 +222,7 @@ def compare_approximations(
     ReferenceNotConvergedWarning
         When the reference is an MCMC posterior with flagged tasks.
     """
-    from hierbayes.inference.evaluation.arviz_bridge import (
+    from hierbayes.inference.diagnostics.arviz_bridge import (
         compare_elpd,
         compare_loo,
         convergence_diagnostics,

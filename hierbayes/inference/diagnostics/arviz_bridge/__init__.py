@@ -50,12 +50,12 @@ ones they would silently report a meaningless PSIS-LOO (``az.loo`` on this ``Inf
 refuses: it finds no log likelihood). The held-out ELPD is the plain Monte-Carlo log predictive
 density, which :func:`compare_elpd` hands to ``az.compare``.
 
-Modules: :mod:`~hierbayes.inference.evaluation.arviz_bridge.inference_data`
+Modules: :mod:`~hierbayes.inference.diagnostics.arviz_bridge.inference_data`
 (:func:`to_inference_data`, :func:`parameter_names`),
-:mod:`~hierbayes.inference.evaluation.arviz_bridge.diagnostics`
-(:func:`convergence_diagnostics`), :mod:`~hierbayes.inference.evaluation.arviz_bridge.elpd`
+:mod:`~hierbayes.inference.diagnostics.arviz_bridge.diagnostics`
+(:func:`convergence_diagnostics`), :mod:`~hierbayes.inference.diagnostics.arviz_bridge.elpd`
 (:func:`heldout_pointwise`, :func:`compare_elpd`) and
-:mod:`~hierbayes.inference.evaluation.arviz_bridge.figures` (:func:`plot_forest`,
+:mod:`~hierbayes.inference.diagnostics.arviz_bridge.figures` (:func:`plot_forest`,
 :func:`plot_posterior`).
 
 References
@@ -70,18 +70,18 @@ References
    localization: an improved R-hat. Bayesian Analysis.
 """
 
-from hierbayes.inference.evaluation.arviz_bridge.diagnostics import convergence_diagnostics
-from hierbayes.inference.evaluation.arviz_bridge.elpd import (
+from hierbayes.inference.diagnostics.arviz_bridge.diagnostics import convergence_diagnostics
+from hierbayes.inference.diagnostics.arviz_bridge.elpd import (
     compare_elpd,
     compare_loo,
     heldout_pointwise,
 )
-from hierbayes.inference.evaluation.arviz_bridge.figures import (
+from hierbayes.inference.diagnostics.arviz_bridge.figures import (
     default_parameters,
     plot_forest,
     plot_posterior,
 )
-from hierbayes.inference.evaluation.arviz_bridge.inference_data import (
+from hierbayes.inference.diagnostics.arviz_bridge.inference_data import (
     observed_variable,
     parameter_coords,
     parameter_names,
