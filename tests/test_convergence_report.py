@@ -103,7 +103,8 @@ def test_a_line_search_without_progress_is_not_converged_and_advises_on_noise() 
         )
     report = result.convergence
     assert report is not None and not report.converged and report.stalled
-    assert report.relative_change == 0.0 and report.steps < 500
+    assert report.relative_change is not None and report.steps < 500
+    assert report.relative_change <= 100 * torch.finfo(torch.float32).eps  # rounding
     assert "the line search made no progress" in report.reason
     message = str(record[0].message)
     # the advice fits the cause: float32; the curvature is exact and the mode search complete
@@ -160,5 +161,6 @@ def test_converged_implies_the_gradient_test_passed(case: str) -> None:
     else:
         assert report.grad_norm > report.grad_tolerance or report.steps == options["meta_steps"]
         assert len(unconverged) == 1, report.reason
-        if report.stalled and report.relative_change == 0 and options.get("mode_tolerance"):
+        no_progress = report.reason.startswith("the line search made no progress")
+        if report.stalled and no_progress and options.get("mode_tolerance"):
             assert "mode_tolerance=0" in str(unconverged[0].message)  # advice for the cause

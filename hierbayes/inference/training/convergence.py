@@ -50,11 +50,13 @@ if TYPE_CHECKING:
     from hierbayes.inference.training.result import FitResult
 
 __all__ = [
+    "ROUNDING_STEPS",
     "TREND_TOLERANCE",
     "Convergence",
     "UnconvergedWarning",
     "all_tasks",
     "gradient_norm",
+    "made_no_progress",
     "relative_change",
     "stall_reason",
     "stochastic_convergence",
@@ -66,6 +68,8 @@ __all__ = [
 TREND_TOLERANCE = 1e-3
 #: The fewest steps whose loss trend a stochastic run is judged by.
 _MIN_TREND_STEPS = 50
+#: A relative change of the loss within this many machine epsilons is rounding: no progress.
+ROUNDING_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -129,13 +133,26 @@ def relative_change(previous: float, current: float) -> float:
     return abs(previous - current) / max(abs(previous), abs(current), 1.0)
 
 
+def made_no_progress(change: float, dtype: torch.dtype) -> bool:
+    """Whether a relative change of the loss is at the level of rounding in ``dtype`` (at most
+    :data:`ROUNDING_STEPS` machine epsilons): the line search did not lower the loss."""
+    return change <= ROUNDING_STEPS * torch.finfo(dtype).eps
+
+
 def stall_reason(
-    change: float, loss_tolerance: float, grad_norm: float, grad_tolerance: float
+    change: float,
+    loss_tolerance: float,
+    grad_norm: float,
+    grad_tolerance: float,
+    dtype: torch.dtype,
 ) -> str:
     """Why a full-batch run that stopped on the loss is not converged, in words."""
     gradient = f"while the gradient norm is {grad_norm:.3g} > grad_tolerance {grad_tolerance:.3g}"
-    if change == 0.0:
-        return f"the line search made no progress: the loss changed by 0 {gradient}"
+    if made_no_progress(change, dtype):
+        return (
+            f"the line search made no progress: the loss changed by {change:.3g} (relative, "
+            f"at the level of {dtype} rounding) {gradient}"
+        )
     return (
         f"the loss stopped changing: its relative change {change:.3g} <= loss_tolerance "
         f"{loss_tolerance:.3g} {gradient}"
@@ -242,29 +259,33 @@ def stochastic_convergence(
 def _stall_advice(convergence: Convergence, result: FitResult) -> str:
     """Advice for a full-batch run whose loss stopped changing above the gradient tolerance."""
     tolerance = f"grad_tolerance (now {convergence.grad_tolerance:.3g})"
-    if convergence.relative_change:  # it stopped on a loose loss_tolerance
+    parameters = _trained(result)
+    dtype = parameters[0].dtype if parameters else torch.get_default_dtype()
+    if not convergence.reason.startswith("the line search made no progress"):
+        # it stopped on a loose loss_tolerance
         return (
             f"lower loss_tolerance (now {convergence.loss_tolerance:.3g}), or, if the gradient "
             f"cannot fall further at this precision, loosen {tolerance}"
         )
     # no progress at all: the loss cannot be lowered at the working precision
     fixes = []
-    if any(p.dtype != torch.float64 for p in _trained(result)):
+    if dtype != torch.float64:
         fixes.append("float32 rounding: fit in float64 (dtype=torch.float64)")
     objective = result.objective
-    if isinstance(objective, LaplaceObjective):
-        curvature = objective.curvature_for(result.guide.density)
-        if curvature != "full":
-            fixes.append(
-                f"curvature={curvature!r}, Monte Carlo for an observation family without an "
-                "exact Fisher, whose draws jump as the globals move: use curvature='full'"
-            )
     if isinstance(objective, LaplaceEvidenceObjective) and objective.mode_tolerance > 0:
         fixes.append(
             "each task's mode search stops at a tolerance, which makes the evidence piecewise "
             f"in the globals: run it to the end (mode_tolerance=0, now "
             f"{objective.mode_tolerance:g}; mode_steps, now {objective.mode_steps}, enough)"
         )
+    if isinstance(objective, LaplaceObjective):
+        curvature = objective.curvature_for(result.guide.density)
+        if curvature in ("ggn", "diag"):  # a plain program's: from its observation sites
+            fixes.append(
+                f"curvature={curvature!r} is Monte Carlo for an observation family without an "
+                "exact Fisher (hierbayes.inference.curvature.families lists those with one), "
+                "whose draws jump as the globals move: use curvature='full'"
+            )
     fixes.append(
         "the gradient is at the objective's rounding floor (a line search on the loss cannot "
         f"take it much below the square root of machine epsilon): loosen {tolerance}"

@@ -243,7 +243,7 @@ def run_full_batch(
             break
         if change is not None and change <= loss_tolerance:  # the loss stopped changing first
             stalled = True
-            reason = stall_reason(change, loss_tolerance, grad_norm, grad_tolerance)
+            reason = stall_reason(change, loss_tolerance, grad_norm, grad_tolerance, loss.dtype)
             break
         values = guide.global_values()
         low = [n for n in sites if float(values[n].detach().reshape(())) < tiny]
