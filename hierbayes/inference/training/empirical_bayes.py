@@ -18,9 +18,9 @@ where Adam on batches of tasks wanders for thousands: :func:`run_full_batch` tak
 ``FitResult.convergence``; :mod:`~hierbayes.inference.training.convergence`). A full-batch run
 is converged when :math:`\lVert\nabla\mathcal L\rVert_2 \le` ``grad_tolerance``, and only
 then. It also stops when the relative change of the loss in an iteration is at most
-``loss_tolerance`` (or by rounding only: the line search made no progress), but with the gradient above its
-tolerance that is reported as a stall (``converged=False``, ``stalled=True``) and warned about,
-with advice for the cause: a loose ``loss_tolerance``, or an objective that is not smooth at
+``loss_tolerance`` (or is rounding only: the line search made no progress), but with the
+gradient above its tolerance that is reported as a stall (``converged=False``,
+``stalled=True``) and warned about, with advice for the cause: a loose ``loss_tolerance``, or an objective that is not smooth at
 the working precision (float32, a Monte Carlo curvature, a mode search stopped at a tolerance).
 
 **The boundary** (:func:`boundary_sites`). A group scale :math:`\tau` whose marginal
