@@ -20,8 +20,9 @@ is converged when :math:`\lVert\nabla\mathcal L\rVert_2 \le` ``grad_tolerance``,
 then. It also stops when the relative change of the loss in an iteration is at most
 ``loss_tolerance`` (or is rounding only: the line search made no progress), but with the
 gradient above its tolerance that is reported as a stall (``converged=False``,
-``stalled=True``) and warned about, with advice for the cause: a loose ``loss_tolerance``, or an objective that is not smooth at
-the working precision (float32, a Monte Carlo curvature, a mode search stopped at a tolerance).
+``stalled=True``) and warned about, with advice for the cause: a loose ``loss_tolerance``, or
+an objective that is not smooth at the working precision (float32, a Monte Carlo curvature, a
+mode search stopped at a tolerance).
 
 **The boundary** (:func:`boundary_sites`). A group scale :math:`\tau` whose marginal
 likelihood peaks at :math:`\tau = 0` (eight schools) has no interior optimum; with the
