@@ -72,6 +72,20 @@ def test_rats_ggn_fit_converges_to_the_optimum_of_the_exact_hessian() -> None:
     assert -2.1 < float(full.params["mu"]) < -1.7 and 0.4 < float(full.params["tau"]) < 0.9
 
 
+def test_rats_with_every_default_converges_to_the_exact_optimum() -> None:
+    """Issue 19, break 5, as a user meets it: fit(..., method="llama", objective="evidence")
+    with no other option. The default curvature of a plain program with one parameter a task is
+    the exact Hessian, and a full-batch fit finds each task's mode to rounding, so L-BFGS
+    converges (the gradient test passes) at the exact-Hessian optimum."""
+    result = fit(rats_model, rats_tasks(), method="llama", objective="evidence", progress=False)
+    report = result.convergence
+    assert report is not None and report.converged and report.optimizer == "lbfgs"
+    assert report.grad_norm is not None and report.grad_norm <= 1e-6
+    reference = _fit(curvature="full")
+    assert_close(result.params["mu"], reference.params["mu"], atol=1e-6, rtol=0)
+    assert_close(result.params["tau"], reference.params["tau"], atol=1e-6, rtol=0)
+
+
 def test_a_run_stopped_by_the_loss_tolerance_is_not_converged_and_warns() -> None:
     # every iteration's relative change is below 1: the run stops after its first step, far
     # from the optimum, and must not call that converged

@@ -18,7 +18,8 @@ from hierbayes.models import ContextualEffects, EightSchools
 from hierbayes.tasks import eight_schools_tasks, radon_tasks
 
 F64 = torch.float64
-TIGHT = dict(grad_tolerance=1e-10, loss_tolerance=0.0, meta_steps=200, progress=False)
+# float64 reaches a gradient norm of a few 1e-8 on radon before rounding stalls the line search
+TIGHT = dict(grad_tolerance=1e-7, loss_tolerance=0.0, meta_steps=200, progress=False)
 
 
 def _radon_arrays() -> tuple[list[np.ndarray], list[np.ndarray]]:

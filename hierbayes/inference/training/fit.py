@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from hierbayes.errors import ModelContractError
-from hierbayes.inference.objectives import MetaObjective
+from hierbayes.inference.objectives import LaplaceEvidenceObjective, MetaObjective
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.training.boundary import (
     boundary_sites,
@@ -67,6 +67,8 @@ __all__ = ["fit"]
 #: Keywords ``fit`` routes itself (beside the config fields): the objective's hyperprior space,
 #: and ``full_batch`` (``True``/``False``: ``OptimConfig(algorithm="lbfgs"/"adam")``).
 _OWN_OPTIONS = ("hyperprior_space", "full_batch")
+#: The evidence objective's mode search in a full-batch (L-BFGS) fit, unless given: to rounding.
+FULL_BATCH_MODE_SEARCH = {"mode_tolerance": 1e-10, "mode_steps": 50}
 
 
 def fit(
@@ -278,6 +280,7 @@ def _fit(
     guide.to(device=dev, dtype=run.dtype)
     check_targets(guide, first)
     space = hyperprior_space
+    given = objective is not None
     if objective is None:
         objective = spec.objective(
             num_tasks=source.num_tasks, hyperprior_space=space or "constrained", **method_options
@@ -287,6 +290,22 @@ def _fit(
             f"the given objective scores the hyperprior in the {objective.hyperprior_space!r} "
             f"space, but fit got hyperprior_space={space!r}: build the objective with the one "
             "you want"
+        )
+    full_batch = uses_full_batch(
+        optim.full_batch,
+        objective,
+        source,
+        first,
+        custom_optimizer=optim.optimizer is not None,
+        distributed=context is not None,
+    )
+    if full_batch and not given and isinstance(objective, LaplaceEvidenceObjective):
+        # a deterministic optimiser needs a smooth objective: each task's mode found to
+        # rounding, not to a tolerance that makes the evidence piecewise in the globals
+        for key, value in FULL_BATCH_MODE_SEARCH.items():
+            method_options.setdefault(key, value)
+        objective = spec.objective(
+            num_tasks=source.num_tasks, hyperprior_space=space or "constrained", **method_options
         )
     objective.check(guide.density)  # declared capabilities, checked before any training
     config = dict(
@@ -300,6 +319,10 @@ def _fit(
         dtype=run.dtype,
         num_tasks=source.num_tasks,
         **method_options,
+        full_batch=full_batch,
+        grad_tolerance=optim.grad_tolerance,
+        loss_tolerance=optim.loss_tolerance,
+        hyperprior_space=objective.hyperprior_space,
     )
     result = FitResult(model, guide, objective, method, [], config)
     result.example = (first.support_x[:1].detach(), first.support_y[:1].detach())
@@ -311,20 +334,6 @@ def _fit(
             "e.g. theta = pyro.sample('theta', dist.Normal(torch.zeros(D), 10.0).to_event(1)), "
             "and use it as the prior mean of the per-task latent"
         )
-    full_batch = uses_full_batch(
-        optim.full_batch,
-        objective,
-        source,
-        first,
-        custom_optimizer=optim.optimizer is not None,
-        distributed=context is not None,
-    )
-    config.update(
-        full_batch=full_batch,
-        grad_tolerance=optim.grad_tolerance,
-        loss_tolerance=optim.loss_tolerance,
-        hyperprior_space=objective.hyperprior_space,
-    )
     optimizer = (
         full_batch_optimizer(parameters)
         if full_batch
@@ -363,8 +372,9 @@ def _fit(
             query_less=not first.has_query,
             **tolerances,
         )
-    warn_unconverged(result.convergence, result)
     at_boundary = boundary_sites(result, source, dtype=run.dtype, device=dev) if full_batch else {}
+    if not at_boundary:  # a scale at its boundary is why such a run stops: that warning says it
+        warn_unconverged(result.convergence, result)
     warn_at_boundary(at_boundary, result)
     boundary_warnings(
         [
