@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hierbayes.errors import TaskDataError, check_finite
+from hierbayes.errors import TaskDataError
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["TaskCollection"]
@@ -117,6 +117,7 @@ class TaskCollection:
                 if v is not None:
                     columns[f].append(_as_tensor(v, f, j, dtype))
             self._check_task(j, columns, has_query=query_flags[-1])
+        _check_finite(columns)
         self._columns = columns
         self.has_query = query_flags[0]
 
@@ -175,9 +176,6 @@ class TaskCollection:
                     f"{tuple(y.shape[1:])}, but task 0 has {tuple(ref_x.shape[1:])} and "
                     f"{tuple(ref_y.shape[1:])}"
                 )
-            ids = torch.tensor([j])
-            check_finite(fx, x.unsqueeze(0), task_ids=ids)
-            check_finite(fy, y.unsqueeze(0), task_ids=ids)
 
     # -- the task-source protocol --------------------------------------------------------------
 
@@ -243,3 +241,33 @@ class TaskCollection:
             index = torch.randperm(self.num_tasks, generator=generator)[:num_tasks]
         batch = self.batch(index)
         return batch.to(dtype=dtype) if dtype is not None else batch
+
+
+def _check_finite(columns: dict[str, list[Tensor]]) -> None:
+    """Raise :class:`TaskDataError` if any task holds NaN or infinity: the first such value by
+    field, task and point, and how many of the collection's tasks hold any (all tasks are
+    checked before the error is raised, so the count is the collection's)."""
+    bad_tasks: list[int] = []
+    first: tuple[str, int, Tensor] | None = None
+    for j in range(len(columns["support_x"])):
+        for field in _FIELDS:
+            if field not in columns or j >= len(columns[field]):
+                continue
+            value = columns[field][j]
+            if not torch.is_floating_point(value) or bool(torch.isfinite(value).all()):
+                continue
+            if first is None:
+                first = (field, j, value)
+            if not bad_tasks or bad_tasks[-1] != j:
+                bad_tasks.append(j)
+    if first is None:
+        return
+    field, j, value = first
+    index = tuple(int(i) for i in (~torch.isfinite(value)).nonzero()[0])
+    shown = ", ".join(map(str, bad_tasks[:10])) + (", ..." if len(bad_tasks) > 10 else "")
+    raise TaskDataError(
+        f"{field} of task {j}, point {index[0]} is {value[index].item()}: every value must be "
+        f"finite ({len(bad_tasks)} task(s) of {len(columns['support_x'])} hold NaN or inf: "
+        f"tasks {shown}). Remove or repair those tasks before training; hierbayes does not "
+        "train on them silently."
+    )

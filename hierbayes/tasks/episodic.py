@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hierbayes.errors import TaskDataError, check_finite
+from hierbayes.errors import TaskDataError
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["EpisodicSampler"]
@@ -64,7 +64,7 @@ class EpisodicSampler:
             # e.g. uint8 images: networks take floating-point inputs (values are kept, not scaled)
             xs = xs.to(torch.get_default_dtype())
         xs = xs.to(torch.get_default_dtype())
-        check_finite("inputs", xs.unsqueeze(0))
+        _check_finite_inputs(xs)
         if ways < 2 or shots < 1 or query_shots < 0:
             raise ValueError(
                 f"need ways >= 2, shots >= 1, query_shots >= 0; got {ways}, {shots}, {query_shots}"
@@ -126,3 +126,19 @@ class EpisodicSampler:
             info={"classes": torch.stack(chosen)},
             validate=False,
         )
+
+
+def _check_finite_inputs(inputs: Tensor) -> None:
+    """Raise :class:`TaskDataError` naming the first input (by its place in the dataset) that
+    holds NaN or infinity, and how many of the inputs do."""
+    bad = ~torch.isfinite(inputs.reshape(inputs.shape[0], -1))
+    rows = bad.any(dim=1)
+    if not bool(rows.any()):
+        return
+    i = int(rows.nonzero()[0])
+    value = inputs.reshape(inputs.shape[0], -1)[i][bad[i]][0].item()
+    raise TaskDataError(
+        f"inputs[{i}] holds {value}: every input must be finite ({int(rows.sum())} of "
+        f"{inputs.shape[0]} inputs hold NaN or inf). Remove or repair them before sampling "
+        "episodes."
+    )
