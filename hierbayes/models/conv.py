@@ -104,7 +104,7 @@ class ConvClassifier(TaskModel):
     in_channels, image_size, filters, blocks, downsample:
         As :func:`conv4_network` (1, 28, 64, 4, ``"stride"`` for Omniglot; 3, 84, 32,
         4, ``"maxpool"`` is the MAML paper's miniImageNet network).
-    prior_scale, learn_prior_scale, hyperprior_scale, prior_scale_hyperprior:
+    prior_scale, learn_prior_scale, hyperprior_scale, prior_scale_hyperprior, name:
         As in :class:`~hierbayes.models.TaskModel`: :math:`\phi_j\sim\mathcal N(\theta,s^2I)`.
 
     Examples
@@ -127,6 +127,7 @@ class ConvClassifier(TaskModel):
         learn_prior_scale: bool = False,
         hyperprior_scale: float | None = 10.0,
         prior_scale_hyperprior: float | None = 1.0,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             conv4_network(
@@ -142,6 +143,7 @@ class ConvClassifier(TaskModel):
             learn_prior_scale=learn_prior_scale,
             hyperprior_scale=hyperprior_scale,
             prior_scale_hyperprior=prior_scale_hyperprior,
+            name=name,
         )
         self.ways = ways
         self.image_shape = (in_channels, image_size, image_size)
@@ -158,5 +160,6 @@ class ConvClassifier(TaskModel):
                 learn_prior_scale=learn_prior_scale,
                 hyperprior_scale=hyperprior_scale,
                 prior_scale_hyperprior=prior_scale_hyperprior,
+                **({} if name is None else {"name": name}),
             ),
         }

@@ -35,7 +35,7 @@ class BayesianLinearRegression(TaskModel):
         :math:`\sigma` (initial value when ``learn_noise``).
     learn_noise:
         Point-estimate :math:`\sigma` as a global latent.
-    prior_scale, learn_prior_scale, hyperprior_scale:
+    prior_scale, learn_prior_scale, hyperprior_scale, name:
         As in :class:`~hierbayes.models.TaskModel`; :math:`\theta_0 = 0`.
     """
 
@@ -49,6 +49,7 @@ class BayesianLinearRegression(TaskModel):
         prior_scale: float = 1.0,
         learn_prior_scale: bool = False,
         hyperprior_scale: float | None = 10.0,
+        name: str | None = None,
     ) -> None:
         network = nn.Linear(input_dim, 1, bias=bias)
         D = input_dim + int(bias)
@@ -59,6 +60,7 @@ class BayesianLinearRegression(TaskModel):
             learn_prior_scale=learn_prior_scale,
             hyperprior_scale=hyperprior_scale,
             theta_init=torch.zeros(D),
+            name=name,
         )
         self.input_dim = input_dim
         self.bias = bias
@@ -72,5 +74,6 @@ class BayesianLinearRegression(TaskModel):
                 prior_scale=prior_scale,
                 learn_prior_scale=learn_prior_scale,
                 hyperprior_scale=hyperprior_scale,
+                **({} if name is None else {"name": name}),
             ),
         }

@@ -46,7 +46,7 @@ class NeuralRegression(TaskModel):
         :math:`\log\sigma_j`, and its prior mean joins :math:`\theta`.
     per_task_noise_scale:
         Prior scale of :math:`\log\sigma_j` around that mean.
-    prior_scale, learn_prior_scale, hyperprior_scale, prior_scale_hyperprior:
+    prior_scale, learn_prior_scale, hyperprior_scale, prior_scale_hyperprior, name:
         As in :class:`~hierbayes.models.TaskModel`.
     """
 
@@ -62,6 +62,7 @@ class NeuralRegression(TaskModel):
         per_task_noise: bool = False,
         per_task_noise_scale: float = 0.5,
         prior_scale_hyperprior: float | None = 1.0,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             network if network is not None else sinusoid_network(),
@@ -75,6 +76,7 @@ class NeuralRegression(TaskModel):
             learn_prior_scale=learn_prior_scale,
             hyperprior_scale=hyperprior_scale,
             prior_scale_hyperprior=prior_scale_hyperprior,
+            name=name,
         )
         if network is None:
             self.constructor = {
@@ -88,5 +90,6 @@ class NeuralRegression(TaskModel):
                     per_task_noise=per_task_noise,
                     per_task_noise_scale=per_task_noise_scale,
                     prior_scale_hyperprior=prior_scale_hyperprior,
+                    **({} if name is None else {"name": name}),
                 ),
             }

@@ -28,14 +28,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroModule
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from hierbayes.errors import ModelContractError, TaskDataError
+from hierbayes.models.diagnosis import (
+    CONTRACT,
+    TASKS_PLATE,
+    explain_missing_tasks_plate,
+    opened_plates,
+    run_model,
+)
+from hierbayes.models.param_store import claim_param_store, own_param_sites
 
 __all__ = [
     "TASKS_PLATE",
@@ -47,15 +55,7 @@ __all__ = [
     "trace_nodes",
 ]
 
-TASKS_PLATE = "tasks"
-
-_CONTRACT = (
-    "A hierbayes model is a Pyro program model(x, y=None) over a batch of tasks (x: (tasks, "
-    "points, ...)): global latents such as theta as sample sites outside every plate, exactly "
-    "one per-task latent phi as a sample site inside pyro.plate('tasks', T), and the "
-    "observations as observed sites inside that plate (in a nested data plate). See "
-    "hierbayes.models.TaskModel for a worked example."
-)
+_CONTRACT = CONTRACT
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,10 @@ class ModelStructure:
     data_dims: Mapping[str, int | None]
     #: The shape of one input point, ``x.shape[2:]`` of the batch the model was traced on.
     input_shape: tuple[int, ...] = ()
+    #: The ``param_sites`` that are a ``PyroModule`` model's own parameters (saved and trained
+    #: through the module, never through Pyro's store by name); the rest are a program's
+    #: ``pyro.param`` statements.
+    module_param_sites: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:
@@ -141,30 +145,37 @@ def _prior_mean(site: Mapping[str, Any]) -> Tensor:
 
 
 def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> ModelStructure:
-    """Trace ``model(x, y)`` once and check it against the hierbayes model contract."""
+    """Trace ``model(x, y)`` once and check it against the hierbayes model contract.
+
+    A ``PyroModule`` model first runs in an empty scope of Pyro's parameter store, which names
+    its own parameters (:attr:`ModelStructure.module_param_sites`); the store's entries under
+    those names are then pointed at the module's own tensors (:mod:`hierbayes.models.param_store`)
+    before the traced run, so the trace never carries another model's values.
+    """
     if not callable(model):
         raise ModelContractError(
             f"the model must be a Pyro program, a callable model(x, y=None); got "
             f"{type(model).__name__}. {_CONTRACT}"
         )
-
-    try:
-        with poutine.block():
-            trace = poutine.trace(model).get_trace(x, y)
-    except ModelContractError:
-        raise
-    except Exception as err:
+    trace, failure = run_model(model, x, y, own_scope=isinstance(model, PyroModule))
+    if failure is not None or TASKS_PLATE not in opened_plates(trace):
+        explain_missing_tasks_plate(model, x, y, trace, failure)
+    if failure is not None:
+        first_line = str(failure).splitlines()[0] if str(failure) else ""
         raise ModelContractError(
             f"running the model on a batch with x of shape {tuple(x.shape)} failed: "
-            f"{type(err).__name__}: {err}. {_CONTRACT}"
-        ) from err
-    has_tasks_plate = any(
-        _plate_frame(s, TASKS_PLATE) is not None
-        for s in trace_nodes(trace).values()
-        if s["type"] == "sample" and not site_is_subsample(s)
-    )
-    if not has_tasks_plate:
-        raise ModelContractError(f"the model has no pyro.plate('tasks', T). {_CONTRACT}")
+            f"{type(failure).__name__}: {first_line} (the full error, with Pyro's table of the "
+            f"sites' shapes where it gave one, is the cause above). {_CONTRACT}"
+        ) from failure
+    own = own_param_sites(model, trace)
+    if isinstance(model, PyroModule):
+        claim_param_store(model, own)
+        trace, failure = run_model(model, x, y, own_scope=False)
+        if failure is not None:
+            raise ModelContractError(
+                f"running the model on a batch with x of shape {tuple(x.shape)} failed with "
+                f"the values in Pyro's parameter store: {type(failure).__name__}: {failure}"
+            ) from failure
     T = x.shape[0]
     globals_: list[GlobalSite] = []
     params: list[str] = []
@@ -264,6 +275,7 @@ def model_structure(model: Callable[..., Any], x: Tensor, y: Tensor | None) -> M
         observed_sites=tuple(observed),
         data_dims=data_dims,
         input_shape=tuple(x.shape[2:]),
+        module_param_sites=own,
     )
 
 

@@ -15,7 +15,6 @@ own (a Gaussian noise scale); the prior scale :math:`s` may be fixed or learned.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from typing import Any, cast
@@ -36,8 +35,6 @@ from hierbayes.models.structure import ModelStructure
 __all__ = ["TaskModel", "TaskModelDensity", "from_module"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-# Each model gets a name of its own, so its pyro.param mirror is never shared with another's.
-_INSTANCES = itertools.count()
 
 
 class TaskModel(PyroModule):
@@ -71,6 +68,12 @@ class TaskModel(PyroModule):
         :math:`s_\theta`; ``None`` makes :math:`\theta` a ``pyro.param`` (plain empirical Bayes).
     theta_init:
         :math:`\theta_0`, ``(D,)``; the network's own initialisation by default.
+    name:
+        The prefix of its ``pyro.param`` sites (``f"{name}.theta"``): the class name by
+        default, however many models a process builds. As for any ``PyroModule``, models of
+        one name share values under Pyro's handlers: name two apart to train both side by
+        side through ``pyro.infer.SVI`` (their guides follow). hierbayes' own runs always use
+        the model's own values (:mod:`hierbayes.models.param_store`).
 
     Examples
     --------
@@ -88,8 +91,16 @@ class TaskModel(PyroModule):
         hyperprior_scale: float | None = 10.0,
         theta_init: Tensor | None = None,
         prior_scale_hyperprior: float | None = 1.0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(name=f"{type(self).__name__}_{next(_INSTANCES)}")
+        chosen = type(self).__name__ if name is None else name
+        if not isinstance(chosen, str) or not chosen or "$" in chosen:
+            raise ValueError(f"name must be a non-empty string without '$'; got {name!r}")
+        super().__init__(name=chosen)
+        #: The model's name in Pyro's parameter store (the prefix of its ``pyro.param`` sites).
+        self.name = chosen
+        #: Whether the name was chosen (``name=``) rather than the class name.
+        self.named = name is not None
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be positive; got {prior_scale}")
         self.net = BatchedNetwork(network)

@@ -188,7 +188,10 @@ def meanfield_vi(
         r""":math:`\log p(y^s_j\mid\phi) + \log p(\phi\mid\hat\theta)` of draws ``(S, T, D)``,
         ``(S, T)``: one density call, outside every plate."""
         flat = phi.reshape(S * T, D)
-        return core_log_joint(density, params, flat, xs, ys, masks).reshape(S, T)
+        # the globals are held fixed: the program's pyro.param sites (a PyroModule's own
+        # parameters) stay out of SVI's parameter capture, so the fit never trains them
+        with poutine.block(hide_types=["param"]):
+            return core_log_joint(density, params, flat, xs, ys, masks).reshape(S, T)
 
     def sample_phi() -> Tensor:
         """The flat site ``phi``, in the task plate (and the particle plate) entered by the caller."""

@@ -7,7 +7,8 @@ p(\phi_j\mid\hat\theta)`, read from a :class:`~hierbayes.models.TaskDensity`.
 
 from __future__ import annotations
 
-from hierbayes.models.density import TaskDensity, task_density
+from hierbayes.models.density import PyroTaskDensity, TaskDensity, task_density
+from hierbayes.models.param_store import claim_param_store
 from hierbayes.models.structure import model_structure
 from hierbayes.tasks.batch import TaskBatch
 
@@ -19,9 +20,15 @@ def resolve_density(model_or_density: object, tasks: TaskBatch) -> TaskDensity:
 
     A :class:`~hierbayes.models.TaskDensity` is returned as it is; a model (a Pyro program
     ``model(x, y)``) is traced once on ``tasks``' support set and gives its native density
-    when it has one, else a :class:`~hierbayes.models.PyroTaskDensity`.
+    when it has one, else a :class:`~hierbayes.models.PyroTaskDensity`. Either way a
+    ``PyroModule`` model's runs under the sampler use its own parameters, whatever another
+    model of the same name left in Pyro's parameter store
+    (:func:`~hierbayes.models.param_store.claim_param_store`).
     """
     if isinstance(model_or_density, TaskDensity):
+        if isinstance(model_or_density, PyroTaskDensity):
+            # the sampler runs the program under Pyro: its module's own values, not another's
+            claim_param_store(model_or_density.model, model_or_density.structure.module_param_sites)
         return model_or_density
     if not callable(model_or_density):
         raise TypeError(

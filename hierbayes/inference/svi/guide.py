@@ -29,7 +29,6 @@ References
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
@@ -45,12 +44,11 @@ from torch.distributions import transform_to
 from hierbayes.errors import TaskDataError
 from hierbayes.inference.core.inner_loop import InnerLoss, adapt_tasks, effective_step_size
 from hierbayes.models.density import TaskDensity, task_density
+from hierbayes.models.param_store import guide_name
 from hierbayes.models.structure import ModelStructure, model_structure
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["TruncatedGradientGuide"]
-
-_INSTANCES = itertools.count()
 
 StepSizeMode = Literal["fixed", "scalar", "per_parameter"]
 InnerObjective = Literal["likelihood", "joint"]
@@ -149,7 +147,7 @@ class TruncatedGradientGuide(PyroModule):
         init_values: Mapping[str, Tensor] | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
-        super().__init__(name=f"TruncatedGradientGuide_{next(_INSTANCES)}")
+        super().__init__(name=guide_name(model))
         self.gradient_checkpointing = gradient_checkpointing
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0; got {inner_steps}")

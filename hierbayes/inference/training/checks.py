@@ -16,7 +16,9 @@ from torch import Tensor
 from hierbayes.errors import TaskDataError
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.training.methods import Method, methods
-from hierbayes.models.density import NetworkDensity
+from hierbayes.models.density import NetworkDensity, PyroTaskDensity
+from hierbayes.models.diagnosis import support_violation
+from hierbayes.models.param_store import claim_param_store, use_own_parameters
 from hierbayes.models.task_model import TaskModel
 from hierbayes.tasks.batch import TaskBatch
 from hierbayes.tasks.collection import TaskCollection
@@ -28,6 +30,7 @@ __all__ = [
     "check_dtype",
     "check_empirical_bayes",
     "check_query_less",
+    "check_support",
     "check_targets",
     "reset_param_sites",
     "trainable_parameters",
@@ -202,15 +205,19 @@ def check_inputs(model: Any, batch: TaskBatch) -> None:
 def reset_param_sites(model: Any, batch: TaskBatch) -> None:
     """Forget the ``pyro.param`` values a function model left in Pyro's global store, so that
     ``fit`` starts from their initial values (reproducible with ``seed``) rather than from
-    whatever an earlier run trained."""
+    whatever an earlier run trained. A ``PyroModule`` model's own parameters are kept (it
+    trains from its own values); the store's entries under their names are pointed at them
+    first, so this run never takes another model's values."""
+    x, y = batch.support_x, batch.support_y
     try:
         with poutine.block():
-            trace = poutine.trace(model).get_trace(batch.support_x, batch.support_y)
+            own = use_own_parameters(model, x, y)
+            trace = poutine.trace(model).get_trace(x, y)
     except Exception:  # model_structure runs the model next and reports the failure
         return
     store = pyro.get_param_store()
     for name, site in trace.nodes.items():
-        if site["type"] == "param" and name in store:
+        if site["type"] == "param" and name in store and name not in own:
             del store[name]
 
 
@@ -246,19 +253,60 @@ def check_targets(guide: TruncatedGradientGuide, batch: TaskBatch) -> None:
                         f"{task}: {err}"
                     ) from err
             raise
+        except ValueError as err:  # e.g. torch's support check: the value, not the tensor dump
+            check_support(guide, params, name, x, y, mask, batch.task_ids, cause=err)
+            raise
+
+
+def check_support(
+    guide: TruncatedGradientGuide,
+    params: Mapping[str, Tensor],
+    field: str,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor | None = None,
+    task_ids: Tensor | None = None,
+    *,
+    cause: BaseException | None = None,
+) -> None:
+    r"""Raise :class:`TaskDataError` naming ``field``, the task, the point and the value when an
+    observed value of ``y`` lies outside its site's support (a count above a Binomial's
+    ``total_count``, a Bernoulli's 2, a label out of range), with the site's support; return
+    when every value is in it.
+
+    The program runs once on ``x``, ``y`` at the prior mean of :math:`\phi` with validation
+    off, so the trace holds the values (:func:`~hierbayes.models.diagnosis.support_violation`
+    reads them); ``cause`` (torch's own error) becomes the ``__cause__``."""
+    model, structure = guide.model, guide.structure
+    claim_param_store(model, structure.module_param_sites)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        phi = guide.density.prior_mean(params, x)
+        trace = PyroTaskDensity(model, structure).trace(params, phi, x, y)
+    found = support_violation(trace, structure, field, mask, task_ids)
+    if found is not None:
+        raise TaskDataError(
+            f"{found}. Check the data against the likelihood (e.g. counts above total_count, "
+            "labels numbered from 1 rather than 0)"
+        ) from cause
 
 
 def trainable_parameters(model: Any, guide: TruncatedGradientGuide) -> list[Tensor]:
-    """The guide's parameters, the model's own, and ``pyro.param`` sites of a function model."""
+    """The guide's parameters, the model's own, and ``pyro.param`` sites of a function model.
+
+    A module model's own parameters come from the module (never from Pyro's store by name,
+    where a model of the same name may have left its own); the store's entries under their
+    names are pointed at them, so the model's runs under Pyro's handlers train them."""
     seen: dict[int, Tensor] = {}
     for p in guide.parameters():
         seen[id(p)] = p
+    own = guide.structure.module_param_sites
     if isinstance(model, torch.nn.Module):
+        claim_param_store(model, own)
         for p in model.parameters():
             seen[id(p)] = p
     store = pyro.get_param_store()
     for name in guide.structure.param_sites:
-        if name in store:
+        if name in store and name not in own:
             # pyro.param values carry their unconstrained tensor as an attribute
             p = cast(Any, store.get_param(name)).unconstrained()
             seen[id(p)] = p

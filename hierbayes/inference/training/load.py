@@ -3,6 +3,8 @@ r"""``hierbayes.load``: a saved run back as a :class:`~hierbayes.inference.FitRe
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,15 +13,18 @@ from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.training.methods import get_method
 from hierbayes.inference.training.persistence import (
     _RUN_ONLY,
-    FIT_SETTINGS,
-    dtype_from_name,
+    BUILTIN_MODELS,
+    CheckpointError,
     load_states,
     read_run,
-    rebuild_model,
 )
 from hierbayes.inference.training.result import FitResult
 
-__all__ = ["load"]
+__all__ = ["load", "rebuild_model"]
+
+#: ``fit``'s own settings kept in a run's config that are not options of the objective: the
+#: full-batch optimiser, the convergence tolerances, where the hyperprior is scored.
+FIT_SETTINGS = ("full_batch", "grad_tolerance", "loss_tolerance", "hyperprior_space")
 
 _GUIDE_OPTIONS = (
     "inner_steps",
@@ -94,3 +99,24 @@ def load(
     load_states(result, saved)
     result.saved_training = dict(state["rng"])
     return result
+
+
+def rebuild_model(description: Mapping[str, Any] | None, path: Path) -> Any:
+    """The built-in model a description names, or a :class:`CheckpointError` saying how to pass
+    the model back in."""
+    if description is None:
+        raise CheckpointError(
+            f"{path} holds a run of a model hierbayes cannot construct by itself (a Pyro "
+            "function or a TaskModel around your own network): build the model as you did for "
+            f"training and pass it in, hierbayes.load({str(path)!r}, model=model)"
+        )
+    return BUILTIN_MODELS[str(description["class"])](**dict(description["kwargs"]))
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"unknown dtype {name!r} in a saved run")
+    return dtype

@@ -19,6 +19,7 @@ renamed over the target, so a crash never leaves a half-written checkpoint behin
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from hierbayes.models.grouped import (
 )
 from hierbayes.models.linear import BayesianLinearRegression
 from hierbayes.models.neural import NeuralRegression
+from hierbayes.models.param_store import use_own_parameters
 from hierbayes.models.task_model import TaskModel
 
 if TYPE_CHECKING:
@@ -54,9 +56,9 @@ __all__ = [
     "describe_model",
     "load_states",
     "read_run",
-    "rebuild_model",
     "restore_run",
     "run_state",
+    "state_mismatch",
     "write_atomic",
 ]
 
@@ -89,18 +91,6 @@ def describe_model(model: Any) -> dict[str, Any] | None:
     return {"class": str(description["class"]), "kwargs": dict(description["kwargs"])}
 
 
-def rebuild_model(description: Mapping[str, Any] | None, path: Path) -> Any:
-    """The built-in model a description names, or a :class:`CheckpointError` saying how to pass
-    the model back in."""
-    if description is None:
-        raise CheckpointError(
-            f"{path} holds a run of a model hierbayes cannot construct by itself (a Pyro "
-            "function or a TaskModel around your own network): build the model as you did for "
-            f"training and pass it in, hierbayes.load({str(path)!r}, model=model)"
-        )
-    return BUILTIN_MODELS[str(description["class"])](**dict(description["kwargs"]))
-
-
 def param_store_values(names: tuple[str, ...]) -> dict[str, Tensor]:
     """The unconstrained values of a function model's ``pyro.param`` sites, by name."""
     store = pyro.get_param_store()
@@ -115,10 +105,18 @@ def restore_param_store(
     model: Any, example: tuple[Tensor, Tensor], values: Mapping[str, Tensor]
 ) -> None:
     """Create a function model's ``pyro.param`` sites (running it once, so each gets the
-    constraint its program declares) and set their unconstrained values."""
+    constraint its program declares) and set their unconstrained values.
+
+    A module model's own parameters come back through its ``state_dict``, never through the
+    store by name: entries that a file written before names stopped counting models saved
+    for them (``NeuralRegression_0.theta``) are skipped."""
+    counted = re.compile(rf"{re.escape(type(model).__name__)}_\d+[.$]")
+    if isinstance(model, torch.nn.Module):
+        values = {k: v for k, v in values.items() if not counted.match(k)}
     if not values:
         return
     with poutine.block():
+        use_own_parameters(model, *example)
         poutine.trace(model).get_trace(*example)
     store = pyro.get_param_store()
     for name, value in values.items():
@@ -197,15 +195,6 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def dtype_from_name(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"unknown dtype {name!r} in a saved run")
-    return dtype
-
-
 def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The run's configuration with the dtype as a string; a callable option cannot be saved."""
     plain: dict[str, Any] = {}
@@ -249,7 +238,13 @@ def run_state(result: FitResult) -> dict[str, Any]:
         "model": {
             "constructor": describe_model(model),
             "state": model.state_dict() if isinstance(model, torch.nn.Module) else {},
-            "param_store": param_store_values(guide.structure.param_sites),
+            "param_store": param_store_values(
+                tuple(
+                    name
+                    for name in guide.structure.param_sites
+                    if name not in guide.structure.module_param_sites
+                )
+            ),
         },
         "guide": {
             "state": guide.state_dict(),
@@ -305,26 +300,63 @@ def check_compatible(saved: SavedRun, config: Mapping[str, Any], guide: Any) -> 
 
 
 _RUN_ONLY = ("meta_steps", "device", "num_tasks")
-#: ``fit``'s own settings kept in a run's config that are not options of the objective: the
-#: full-batch optimiser, the convergence tolerances, where the hyperprior is scored.
-FIT_SETTINGS = ("full_batch", "grad_tolerance", "loss_tolerance", "hyperprior_space")
 
 
 def load_states(result: FitResult, saved: SavedRun) -> None:
-    """Put the file's model and guide state into ``result``'s model and guide."""
+    """Put the file's model and guide state into ``result``'s model and guide; a model built
+    otherwise is refused with what differs (:func:`state_mismatch`)."""
     state = saved.state
+    model = result.model
+    found = (
+        state_mismatch(state["model"]["state"], model) if isinstance(model, torch.nn.Module) else []
+    )
+    found += [f"guide: {line}" for line in state_mismatch(state["guide"]["state"], result.guide)]
+    if found:
+        old, new = state["model"].get("constructor"), describe_model(model)
+        if old is not None and new is not None:
+            differ = [
+                f"{k}: saved {old['kwargs'].get(k, '(default)')!r}, this model "
+                f"{new['kwargs'].get(k, '(default)')!r}"
+                for k in sorted(set(old["kwargs"]) | set(new["kwargs"]))
+                if old["kwargs"].get(k, "(default)") != new["kwargs"].get(k, "(default)")
+            ]
+            if old["class"] != new["class"]:
+                differ.insert(0, f"class: saved {old['class']}, this model {new['class']}")
+            found.append("constructor arguments: " + ("; ".join(differ) or "the same"))
+        raise CheckpointError(
+            f"{saved.path} does not fit this model:\n  "
+            + "\n  ".join(found)
+            + "\nBuild the model as it was built for training and pass it in."
+        )
     try:
-        if isinstance(result.model, torch.nn.Module):
-            result.model.load_state_dict(state["model"]["state"])
+        if isinstance(model, torch.nn.Module):
+            model.load_state_dict(state["model"]["state"])
         result.guide.load_state_dict(state["guide"]["state"])
     except (RuntimeError, KeyError) as err:
-        raise CheckpointError(
-            f"{saved.path} does not fit this model: {str(err).splitlines()[0]}"
-        ) from err
+        raise CheckpointError(f"{saved.path} does not fit this model: {err}") from err
     if result.example is not None:
-        restore_param_store(result.model, result.example, state["model"]["param_store"])
+        restore_param_store(model, result.example, state["model"]["param_store"])
     result.history = [float(v) for v in state["history"]]
     result.wall_time = float(state.get("wall_time", 0.0))
+
+
+def state_mismatch(saved: Mapping[str, Tensor], module: torch.nn.Module) -> list[str]:
+    """What keeps ``module.load_state_dict(saved)`` from working: each tensor whose shape
+    differs (saved, then current), the module's keys the file lacks and the file's keys the
+    module lacks, one line each; empty when they fit."""
+    current = module.state_dict()
+    found = [
+        f"{k}: saved {tuple(v.shape)}, this model {tuple(current[k].shape)}"
+        for k, v in saved.items()
+        if k in current and tuple(v.shape) != tuple(current[k].shape)
+    ]
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    if missing:
+        found.append("this model has parameters the saved run lacks: " + ", ".join(missing))
+    if unexpected:
+        found.append("the saved run has parameters this model lacks: " + ", ".join(unexpected))
+    return found
 
 
 def restore_run(result: FitResult, saved: SavedRun) -> None:
