@@ -234,6 +234,28 @@ def test_data_in_the_support_trains() -> None:
     assert all(math.isfinite(v) for v in result.history)
 
 
+@pytest.mark.parametrize("field", ["support_y", "query_y"])
+def test_data_outside_the_support_after_training_is_named_by_adapt_and_evaluate(field: str) -> None:
+    """The sibling entry points: a trained result adapting to, or evaluating on, new tasks
+    whose targets leave the likelihood's support names them as fit does."""
+    result = fit(
+        _program(lambda f: dist.Binomial(5, logits=f)),
+        _batch(),
+        meta_steps=2,
+        meta_batch_size=8,
+        progress=False,
+    )
+    batch = _batch()
+    target = getattr(batch, field).clone()
+    target[2, 3] = 9.0
+    new = TaskBatch(**{**_fields(batch), field: target})
+    with pytest.raises(TaskDataError) as info:
+        result.evaluate(new)
+    message = str(info.value)
+    assert f"{field} of task 2, point 3 is 9, outside the support" in message, message
+    assert "tensor(" not in message
+
+
 # -- NaN counts ------------------------------------------------------------------------------
 
 

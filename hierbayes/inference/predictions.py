@@ -281,7 +281,8 @@ class DrawsPrediction(Prediction):
     def value_shape(self) -> tuple[int, ...]:
         """The shape of one draw of targets for all tasks, ``(T, N, ...)``, as the model's
         observation site lays them out."""
-        shape = (*self.components.batch_shape, *self.components.event_shape)
+        components: Any = self.components
+        shape = (*components.batch_shape, *components.event_shape)
         return (shape[0] // self.num_components, *shape[1:])
 
     def log_prob(self, y: Tensor) -> Tensor:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import pyro
 import pyro.distributions as dist
@@ -32,8 +32,20 @@ from torch.distributions import Independent
 
 from hierbayes.errors import ModelContractError
 
-if TYPE_CHECKING:
-    from hierbayes.models.structure import ModelStructure
+
+class ObservedLayout(Protocol):
+    """Where a model's observed sites lay out tasks and points (a
+    :class:`~hierbayes.models.structure.ModelStructure` is one)."""
+
+    @property
+    def observed_sites(self) -> tuple[str, ...]: ...
+
+    @property
+    def tasks_dim(self) -> int: ...
+
+    @property
+    def data_dims(self) -> Mapping[str, int | None]: ...
+
 
 __all__ = [
     "CONTRACT",
@@ -165,7 +177,7 @@ def explain_missing_tasks_plate(
 
 def support_violation(
     trace: Trace,
-    structure: ModelStructure,
+    structure: ObservedLayout,
     field: str,
     mask: Tensor | None = None,
     task_ids: Tensor | None = None,

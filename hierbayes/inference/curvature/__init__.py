@@ -11,9 +11,11 @@ name       matrix                                                     cost per t
 
 ``ggn`` and ``diag`` take a network model's output Jacobian (the ``NetworkDensity`` fast path)
 and any other Pyro program's observation sites: the Jacobian of each observation distribution's
-parameters and its Fisher information, exact for Normal, Bernoulli, Categorical, Poisson and
-StudentT, Monte Carlo otherwise (:mod:`~hierbayes.inference.curvature.observation`). ``kfac``
-needs a network.
+parameters and its Fisher information (:mod:`~hierbayes.inference.curvature.observation`),
+exact for the families of :mod:`~hierbayes.inference.curvature.families` (Normal, StudentT,
+Bernoulli, Categorical, Poisson, Binomial, Geometric, NegativeBinomial, Gamma, Exponential,
+Beta, LogNormal, Laplace, Cauchy, HalfNormal, HalfCauchy, Gumbel), Monte Carlo with a fixed seed
+otherwise. ``kfac`` needs a network.
 
 Register a backend with :func:`register_curvature`; wherever hierbayes takes a curvature it
 accepts a registered name or a callable ``builder(inputs: CurvatureInputs) -> CurvatureEstimate``.

@@ -131,7 +131,7 @@ def widened(variance: Tensor, approximation: str, outputs: Tensor) -> Widen:
             base = base.base_dist
         if approximation == "linearized" and isinstance(base, dist.Normal):
             scale = (base.scale.square() + variance.reshape(base.loc.shape)).sqrt()
-            wide: dist.Distribution = dist.Normal(base.loc, scale)
+            wide: Any = dist.Normal(base.loc, scale)
             return wide.to_event(reinterpreted) if reinterpreted else wide
         if approximation == "probit" and isinstance(base, dist.Categorical):
             logits = outputs / torch.sqrt(1.0 + torch.pi * variance / 8.0)

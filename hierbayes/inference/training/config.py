@@ -304,10 +304,12 @@ def split_options(
     routed: dict[type[Any], dict[str, Any]] = {cls: {} for cls in _CONFIGS}
     rest: dict[str, Any] = {}
     for key, value in options.items():
-        cls = fields.get(key)
-        if cls is None:
+        holder = fields.get(key)
+        if holder is None:
             rest[key] = value
-        elif given[cls] is not None:
+            continue
+        cls = holder
+        if given[cls] is not None:
             raise TypeError(
                 f"fit got {key}= both as a keyword and in its {cls.__name__}: give it once "
                 f"({cls.__name__}({key}=...) or the keyword)"

@@ -58,8 +58,11 @@ if TYPE_CHECKING:
 class StepControl(Protocol):
     """The loop's options every rank must share (the training loop's control)."""
 
-    clip_grad_norm: float | None
-    check_every: int
+    @property
+    def clip_grad_norm(self) -> float | None: ...
+
+    @property
+    def check_every(self) -> int: ...
 
 
 __all__ = [

@@ -60,9 +60,8 @@ from hierbayes.inference.training.convergence import (
     gradient_norm,
     relative_change,
     stall_reason,
-    stochastic_convergence,
-    warn_unconverged,
 )
+from hierbayes.inference.training.verdict import stochastic_convergence, warn_unconverged
 from hierbayes.tasks.batch import TaskBatch
 
 if TYPE_CHECKING:

@@ -348,18 +348,20 @@ def _fit(
     start_values = {k: v.detach().clone() for k, v in guide.global_values().items()}
     if context is not None:
         context.start(result, control, parameters)  # same settings on every rank, rank 0's values
-    tolerances = dict(
-        grad_tolerance=optim.grad_tolerance,
-        loss_tolerance=optim.loss_tolerance,
-        dtype=run.dtype,
-        device=dev,
-    )
+
     training = TrainingRun(
         result, source, control, dtype=run.dtype, device=dev, progress=run.progress, context=context
     )
     if full_batch:
         result.convergence = run_full_batch(
-            result, source, max_steps=run.meta_steps, callback=run.callback, **tolerances
+            result,
+            source,
+            max_steps=run.meta_steps,
+            callback=run.callback,
+            grad_tolerance=optim.grad_tolerance,
+            loss_tolerance=optim.loss_tolerance,
+            dtype=run.dtype,
+            device=dev,
         )
         if control.checkpoint is not None:
             result.save(control.checkpoint)
@@ -370,7 +372,10 @@ def _fit(
             source,
             optimizer="adam" if optim.optimizer is None else "custom",
             query_less=not first.has_query,
-            **tolerances,
+            grad_tolerance=optim.grad_tolerance,
+            loss_tolerance=optim.loss_tolerance,
+            dtype=run.dtype,
+            device=dev,
         )
     at_boundary = boundary_sites(result, source, dtype=run.dtype, device=dev) if full_batch else {}
     if not at_boundary:  # a scale at its boundary is why such a run stops: that warning says it
@@ -391,6 +396,5 @@ def _fit(
 
 
 def _reported_by_model(model: Any, name: str) -> bool:
-    """A TaskModel's learned prior scale has a warning of its own
-    (:func:`~hierbayes.inference.training.boundary.warn_if_prior_collapsed`)."""
+    """A TaskModel's learned prior scale has a warning of its own (warn_if_prior_collapsed)."""
     return isinstance(model, TaskModel) and name == "prior_scale"

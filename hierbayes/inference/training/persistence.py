@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pyro
 import torch
@@ -45,12 +45,26 @@ from hierbayes.models.neural import NeuralRegression
 from hierbayes.models.param_store import use_own_parameters
 from hierbayes.models.task_model import TaskModel
 
-if TYPE_CHECKING:
-    from hierbayes.inference.training.result import FitResult
+
+class SavableRun(Protocol):
+    """What a saved run is read from and written into (a
+    :class:`~hierbayes.inference.FitResult` is one)."""
+
+    model: Any
+    guide: Any
+    method: str
+    config: dict[str, Any]
+    history: list[float]
+    wall_time: float
+    example: tuple[Tensor, Tensor] | None
+    training: Any
+    saved_training: dict[str, Any] | None
+
 
 __all__ = [
     "FORMAT",
     "CheckpointError",
+    "SavableRun",
     "SavedRun",
     "check_compatible",
     "describe_model",
@@ -213,7 +227,7 @@ def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def run_state(result: FitResult) -> dict[str, Any]:
+def run_state(result: SavableRun) -> dict[str, Any]:
     """The plain dictionary :meth:`FitResult.save` writes (see the module docstring)."""
     guide = result.guide
     model = result.model
@@ -302,7 +316,7 @@ def check_compatible(saved: SavedRun, config: Mapping[str, Any], guide: Any) -> 
 _RUN_ONLY = ("meta_steps", "device", "num_tasks")
 
 
-def load_states(result: FitResult, saved: SavedRun) -> None:
+def load_states(result: SavableRun, saved: SavedRun) -> None:
     """Put the file's model and guide state into ``result``'s model and guide; a model built
     otherwise is refused with what differs (:func:`state_mismatch`)."""
     state = saved.state
@@ -359,7 +373,7 @@ def state_mismatch(saved: Mapping[str, Tensor], module: torch.nn.Module) -> list
     return found
 
 
-def restore_run(result: FitResult, saved: SavedRun) -> None:
+def restore_run(result: SavableRun, saved: SavedRun) -> None:
     """Resume: the file's model, guide, history, optimiser, schedule and generators into the
     freshly built run ``result`` (after checking it was written by the same settings)."""
     check_compatible(saved, result.config, result.guide)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from hierbayes.inference.objectives import (
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.predictions import Prediction
 from hierbayes.inference.svi.guide import TruncatedGradientGuide
-from hierbayes.inference.training.empirical_bayes import Convergence
+from hierbayes.inference.training.checks import check_support
+from hierbayes.inference.training.convergence import Convergence
 from hierbayes.inference.training.persistence import run_state, write_atomic
 from hierbayes.models.structure import check_inputs
 from hierbayes.tasks.batch import TaskBatch
@@ -200,14 +202,18 @@ class FitResult:
             raise ValueError("step_size can be overridden only for a fixed, positive step size")
         with torch.no_grad():
             params = self.guide.global_values()
-            phi = self.guide.adapt(
-                params,
-                batch.support_x,
-                batch.support_y,
-                batch.support_mask,
-                inner_steps=inner_steps,
-                step_size=step_size,
-            )
+            try:
+                phi = self.guide.adapt(
+                    params,
+                    batch.support_x,
+                    batch.support_y,
+                    batch.support_mask,
+                    inner_steps=inner_steps,
+                    step_size=step_size,
+                )
+            except ValueError as err:  # a value outside the likelihood's support, named
+                self._check_support(params, "support_y", batch, err)
+                raise
         phi = self._refine(params, phi, batch, refine)
         return self.objective.posterior(self.guide.density, params, phi, batch)
 
@@ -303,8 +309,25 @@ class FitResult:
             chunk = batch.select(slice(start, start + chunk_size))
             posterior = self.adapt(chunk, inner_steps=inner_steps, step_size=step_size)
             moved = chunk.to(self.device, dtype=self.config.get("dtype"))
-            parts.append(evaluate_posterior(posterior, moved, levels=levels, **kwargs))
+            try:
+                parts.append(evaluate_posterior(posterior, moved, levels=levels, **kwargs))
+            except ValueError as err:  # a query target outside the likelihood's support
+                self._check_support(posterior.params, "query_y", moved, err)
+                raise
         return TaskMetrics.concat(parts)
+
+    def _check_support(
+        self, params: Mapping[str, Tensor], field: str, batch: TaskBatch, err: ValueError
+    ) -> None:
+        """Raise a :class:`TaskDataError` naming the task and point when ``err`` came from a
+        ``field`` value outside the observed site's support (else return: ``err`` is raised)."""
+        if isinstance(err, TaskDataError):
+            return
+        if field == "support_y":
+            x, y, mask = batch.support_x, batch.support_y, batch.support_mask
+        else:
+            x, y, mask = batch.require_query("evaluation")
+        check_support(self.guide, params, field, x, y, mask, batch.task_ids, cause=err)
 
 
 def _module_param_values(model: torch.nn.Module) -> dict[str, Tensor]:
