@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from hierbayes.experiments.sinusoid import SinusoidConfig, evaluation_tasks, run_sinusoid
-from hierbayes.inference import TaskMetrics, mean_ci95
+from hierbayes.inference.diagnostics import TaskMetrics, mean_ci95
 
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("maml", "maml", {}),

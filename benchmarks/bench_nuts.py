@@ -6,7 +6,7 @@ with :math:`\phi \in \mathbb R^{1761}` the weights of the 1-40-40-1 ReLU network
 ``0`` uses the network's initialisation). Both engines run the same NUTS (diagonal mass matrix
 and step size adapted during ``--num-warmup`` steps, target acceptance 0.8, maximum tree depth
 10), the same number of chains and draws, from the same starting points
-(:func:`hierbayes.inference.reference.nuts.initial_points`), in the same floating-point type.
+(:func:`hierbayes.inference.references.nuts.initial_points`), in the same floating-point type.
 
 Reported per engine: wall time (NumPyro's with and without its one-off JIT compilation),
 minimum and median bulk ESS over the 1761 parameters (ArviZ, rank-normalised), the same per
@@ -41,7 +41,7 @@ import torch
 
 from hierbayes.inference import fit
 from hierbayes.inference.posteriors.samples import SamplePosterior
-from hierbayes.inference.reference.nuts import nuts_numpyro, nuts_pyro
+from hierbayes.inference.references.nuts import nuts_numpyro, nuts_pyro
 from hierbayes.models import NeuralRegression
 from hierbayes.tasks import SinusoidTasks
 

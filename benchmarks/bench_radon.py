@@ -12,12 +12,12 @@ with :math:`\mu, w \sim \mathcal N(0, 1)` and :math:`\tau, \sigma \sim` half-nor
 
 Measured (one torch thread):
 
-* **full Bayes**: :func:`hierbayes.inference.reference.full_bayes.nuts_full_bayes`, Pyro's NUTS
+* **full Bayes**: :func:`hierbayes.inference.references.full_bayes.nuts_full_bayes`, Pyro's NUTS
   over the 6 globals and 85 county intercepts (``--chains`` × ``--draws`` after ``--warmup``):
   each county's posterior mean and sd, their Monte Carlo standard errors (sd/√ESS for the mean,
   sd/√(2·ESS) for the sd, the Gaussian approximation), R-hat, ESS, time; the posterior mean and
   median of :math:`\tau` and :math:`\mu`;
-* **hyper-Laplace**: :func:`hierbayes.inference.hyper_laplace` (cubature nodes; and importance-
+* **hyper-Laplace**: :func:`hierbayes.inference.posteriors.hyper_laplace` (cubature nodes; and importance-
   weighted draws), its time, and the largest county differences from NUTS: means (absolute) and
   sds (relative);
 * **empirical Bayes**: the same Laplace posteriors at the single mode :math:`\hat u` (no
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import commit, cpu_name
 
 from hierbayes.inference.posteriors.hyper_laplace import hyper_laplace
-from hierbayes.inference.reference.full_bayes import nuts_full_bayes
+from hierbayes.inference.references.full_bayes import nuts_full_bayes
 from hierbayes.tasks import TaskBatch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hierbayes.inference import PointMassPosterior
 from hierbayes.inference.diagnostics.arviz_bridge import (
     compare_elpd,
     convergence_diagnostics,
@@ -21,6 +20,7 @@ from hierbayes.inference.diagnostics.arviz_bridge import (
     to_inference_data,
 )
 from hierbayes.inference.diagnostics.readout import posterior_draws
+from hierbayes.inference.posteriors import PointMassPosterior
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.gaussian import GaussianPosterior
 from hierbayes.inference.posteriors.samples import SamplePosterior
@@ -279,8 +279,8 @@ def test_layers_import_one_way() -> None:
 
     root = Path(__file__).resolve().parents[1] / "hierbayes" / "inference"
     forbidden = {
-        "posteriors": ("hierbayes.inference.diagnostics", "hierbayes.inference.reference"),
-        "evaluation": ("hierbayes.inference.reference",),
+        "posteriors": ("hierbayes.inference.diagnostics", "hierbayes.inference.references"),
+        "evaluation": ("hierbayes.inference.references",),
     }
     for layer, banned in forbidden.items():
         for path in (root / layer).rglob("*.py"):

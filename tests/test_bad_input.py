@@ -552,7 +552,8 @@ def test_a_model_that_breaks_the_contract_names_the_site(
 
 
 def test_all_task_methods_refuse_an_endless_family_with_the_fix() -> None:
-    from hierbayes.inference import hyper_laplace, nuts_full_bayes
+    from hierbayes.inference.posteriors import hyper_laplace
+    from hierbayes.inference.references import nuts_full_bayes
     from hierbayes.tasks import SinusoidTasks
 
     for method in (hyper_laplace, nuts_full_bayes):

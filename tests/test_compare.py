@@ -23,15 +23,15 @@ from hierbayes.experiments.compare import (
     run,
     run_compare,
 )
-from hierbayes.inference import PointMassPosterior, TaskPosterior
 from hierbayes.inference.diagnostics.compare import (
     ReferenceNotConvergedWarning,
     compare_approximations,
 )
 from hierbayes.inference.diagnostics.wasserstein import symmetric_sqrt, wasserstein2_gaussian
+from hierbayes.inference.posteriors import PointMassPosterior, TaskPosterior
 from hierbayes.inference.posteriors.samples import SamplePosterior
-from hierbayes.inference.reference.meanfield import meanfield_vi
-from hierbayes.inference.reference.nuts import nuts_numpyro
+from hierbayes.inference.references.meanfield import meanfield_vi
+from hierbayes.inference.references.nuts import nuts_numpyro
 from hierbayes.models import BayesianLinearRegression, model_structure
 
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -229,9 +229,7 @@ def test_point_mass_row(linear_case: dict[str, Any]) -> None:
         (point.mean - ref_mean).square().sum(-1) + cov.diagonal(dim1=-2, dim2=-1).sum(-1)
     )
     assert row["w2"] == pytest.approx(float(expected.mean()), rel=1e-8)
-    assert row["mean_error_sd"] == pytest.approx(
-        0.3, abs=4.5 / math.sqrt(reference.ess_bulk_min)
-    )
+    assert row["mean_error_sd"] == pytest.approx(0.3, abs=4.5 / math.sqrt(reference.ess_bulk_min))
     assert row["elpd_diff"] > 0  # a point mass predicts worse than the posterior here
 
 
@@ -354,7 +352,7 @@ def test_compare_command_quick(tmp_path: Path) -> None:
 def gaussian_posteriors(per_task_noise: bool = False):  # type: ignore[no-untyped-def]
     """A tanh network's density, and a dense and a mean-field Gaussian posterior of 3 tasks."""
     from hierbayes.inference.posteriors.gaussian import GaussianPosterior
-    from hierbayes.inference.reference.meanfield import MeanFieldPosterior
+    from hierbayes.inference.references.meanfield import MeanFieldPosterior
     from hierbayes.models import GaussianLikelihood, TaskModel
 
     torch.manual_seed(0)

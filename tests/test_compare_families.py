@@ -15,10 +15,10 @@ import warnings
 import pytest
 import torch
 
-from hierbayes.inference import compare_approximations
+from hierbayes.inference.diagnostics import compare_approximations
 from hierbayes.inference.posteriors.gaussian import GaussianPosterior
 from hierbayes.inference.posteriors.laplace import laplace_posterior
-from hierbayes.inference.reference.nuts import nuts_pyro
+from hierbayes.inference.references.nuts import nuts_pyro
 from tests.test_any_likelihood import MODELS, TRUE_THETA, _density, simulate
 
 #: Root-mean-square mean error in reference sds that Laplace must beat. Measured (T = 3,

@@ -7,15 +7,9 @@ import torch
 from torch.testing import assert_close
 
 from hierbayes.errors import TaskDataError
-from hierbayes.inference import (
-    FitResult,
-    GaussianPrediction,
-    MAMLObjective,
-    MetaTrainingDiverged,
-    PointMassPosterior,
-    fit,
-    mean_ci95,
-)
+from hierbayes.inference import FitResult, MAMLObjective, MetaTrainingDiverged, fit
+from hierbayes.inference.diagnostics import mean_ci95
+from hierbayes.inference.posteriors import GaussianPrediction, PointMassPosterior
 from hierbayes.models import BayesianLinearRegression, NeuralRegression
 from hierbayes.tasks import SinusoidTasks, TaskBatch, TaskCollection
 from tests.helpers import regression_batch, tiny_mlp

@@ -17,10 +17,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from hierbayes.inference import compare_approximations
+from hierbayes.inference.diagnostics import compare_approximations
 from hierbayes.inference.diagnostics.arviz_bridge import posterior_variable, to_inference_data
 from hierbayes.inference.posteriors.hyper_laplace import hyper_laplace
-from hierbayes.inference.reference.full_bayes import FullBayesPosterior, nuts_full_bayes
+from hierbayes.inference.references.full_bayes import FullBayesPosterior, nuts_full_bayes
 from tests.test_hyper_laplace import NOISE, SIZES, grid_posterior, grouped_model, grouped_tasks
 
 

@@ -17,8 +17,8 @@ from torch.testing import assert_close
 
 import hierbayes
 from hierbayes.inference import CheckpointError, TruncatedGradientGuide, fit
-from hierbayes.inference.reference.meanfield import meanfield_vi
-from hierbayes.inference.reference.nuts_pyro import nuts_pyro
+from hierbayes.inference.references.meanfield import meanfield_vi
+from hierbayes.inference.references.nuts_pyro import nuts_pyro
 from hierbayes.models import BayesianLinearRegression, NeuralRegression, model_structure
 from hierbayes.models.param_store import claim_param_store, module_param_sites
 from hierbayes.tasks import TaskBatch

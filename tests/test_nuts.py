@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from hierbayes.inference import MixturePrediction
 from hierbayes.inference.diagnostics.arviz_bridge import convergence_diagnostics
+from hierbayes.inference.posteriors import MixturePrediction
 from hierbayes.inference.posteriors.samples import SamplePosterior
-from hierbayes.inference.reference.nuts import initial_points, nuts_numpyro, nuts_pyro
+from hierbayes.inference.references.nuts import initial_points, nuts_numpyro, nuts_pyro
 from hierbayes.models import BayesianLinearRegression, model_structure
 from hierbayes.tasks import TaskBatch
 
@@ -160,8 +160,8 @@ def test_jax_and_arviz_stay_optional_at_import() -> None:
     """Importing the NUTS, comparison and VI modules loads neither JAX nor ArviZ."""
     code = (
         "import sys\n"
-        "import hierbayes.inference.reference.nuts, hierbayes.inference.diagnostics.compare\n"
-        "import hierbayes.inference.reference.meanfield, hierbayes.experiments.compare\n"
+        "import hierbayes.inference.references.nuts, hierbayes.inference.diagnostics.compare\n"
+        "import hierbayes.inference.references.meanfield, hierbayes.experiments.compare\n"
         "print(sorted(m for m in ('jax', 'numpyro', 'arviz') if m in sys.modules))\n"
     )
     out = subprocess.run(
@@ -204,7 +204,7 @@ def test_sample_posterior_draws_from_the_generator_given(num_samples: int) -> No
 
 
 def test_resolve_density_passes_densities_and_traces_programs() -> None:
-    from hierbayes.inference.reference.target import resolve_density
+    from hierbayes.inference.references.target import resolve_density
     from hierbayes.models import PyroTaskDensity, TaskModelDensity
 
     tasks, model, _, _, _ = linear_problem(T=2)
@@ -231,7 +231,7 @@ def test_meanfield_vi_runs_a_plain_pyro_program() -> None:
     r"""A program's density opens its own plates: mean-field VI evaluates it outside its
     particle and task plates, and finds :math:`m = \mu`, :math:`v_d = H_{dd}^{-1/2}` as for the
     native density (``test_compare``)."""
-    from hierbayes.inference.reference.meanfield import meanfield_vi
+    from hierbayes.inference.references.meanfield import meanfield_vi
 
     tasks, _, params, mean, cov = linear_problem(T=2, seed=3)
     q = meanfield_vi(linear_program, params, tasks, num_steps=1200, num_particles=4, seed=1)
@@ -248,7 +248,7 @@ def test_meanfield_elbo_is_the_mean_over_particles() -> None:
     :math:`m`, so the loss estimates the log joint at :math:`m` plus the entropy of :math:`q`,
     whatever ``S`` (with Monte-Carlo error :math:`\sqrt{TD/(2S)}` from :math:`-\log q`); a sum
     over particles would be ``S`` times it."""
-    from hierbayes.inference.reference.meanfield import meanfield_vi
+    from hierbayes.inference.references.meanfield import meanfield_vi
 
     tasks, model, params, mean, _ = linear_problem(T=2, seed=3)
     density = model.task_density(model_structure(model, tasks.support_x, tasks.support_y))

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from hierbayes.inference import fit
 from hierbayes.inference.diagnostics.arviz_bridge import convergence_diagnostics
 from hierbayes.inference.posteriors.samples import SamplePosterior
-from hierbayes.inference.reference.full_bayes import FullBayesPosterior
+from hierbayes.inference.references.full_bayes import FullBayesPosterior
 from tests.programs import family_program, family_tasks
 
 

@@ -17,13 +17,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from hierbayes.errors import ModelContractError, TaskDataError
-from hierbayes.inference import (
-    MAMLObjective,
-    MetaTrainingDiverged,
-    TruncatedGradientGuide,
-    fit,
-    meanfield_vi,
-)
+from hierbayes.inference import MAMLObjective, MetaTrainingDiverged, TruncatedGradientGuide, fit
+from hierbayes.inference.references import meanfield_vi
 from hierbayes.inference.training.boundary import warn_if_prior_collapsed
 from hierbayes.models import GaussianLikelihood, NeuralRegression, TaskModel
 from hierbayes.tasks import EpisodicSampler, SinusoidTasks, TaskBatch, TaskCollection

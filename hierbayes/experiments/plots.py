@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hierbayes.inference import FitResult, GaussianPrediction, LaplacePosterior
+from hierbayes.inference import FitResult
+from hierbayes.inference.posteriors import GaussianPrediction, LaplacePosterior
 from hierbayes.models.density import NetworkDensity
 from hierbayes.tasks import SinusoidTasks, TaskBatch
 
@@ -126,7 +127,7 @@ def plot_ambiguous_tasks(
     Figure 2 in spirit).
 
     Functions sampled from the posterior are drawn where it is a
-    :class:`~hierbayes.inference.LaplacePosterior` over a network
+    :class:`~hierbayes.inference.posteriors.LaplacePosterior` over a network
     (:class:`~hierbayes.models.density.NetworkDensity`).
     """
     generator = torch.Generator().manual_seed(20180430 + seed)

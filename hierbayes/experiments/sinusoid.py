@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from hierbayes.inference import FitResult, TaskMetrics, fit, mean_ci95
+from hierbayes.inference import FitResult, fit
 from hierbayes.inference.core.inner_loop import InnerLoss
-from hierbayes.inference.svi.guide import StepSizeMode
+from hierbayes.inference.diagnostics import TaskMetrics, mean_ci95
+from hierbayes.inference.guide import StepSizeMode
 from hierbayes.models import NeuralRegression
 from hierbayes.tasks import SinusoidTasks, TaskBatch
 

@@ -1,44 +1,29 @@
-"""Inference: the truncated-gradient guide, meta-objectives, ``fit`` and task posteriors."""
+r"""Inference: the truncated-gradient guide, the meta-objectives, and ``fit``.
 
-from hierbayes.inference.core.evidence import laplace_log_evidence
-from hierbayes.inference.core.inner_loop import gradient_steps
-from hierbayes.inference.core.laplace import linearized_predictive
-from hierbayes.inference.diagnostics.compare import (
-    ComparisonResult,
-    ReferenceNotConvergedWarning,
-    compare_approximations,
-)
-from hierbayes.inference.diagnostics.metrics import TaskMetrics, evaluate_posterior, mean_ci95
-from hierbayes.inference.diagnostics.wasserstein import wasserstein2_gaussian
-from hierbayes.inference.posteriors.base import PointMassPosterior, TaskPosterior
-from hierbayes.inference.posteriors.gaussian import GaussianPosterior
-from hierbayes.inference.posteriors.hyper_laplace import (
-    HyperLaplace,
-    HyperLaplacePosterior,
-    hyper_laplace,
-)
-from hierbayes.inference.posteriors.laplace import LaplacePosterior, laplace_posterior
-from hierbayes.inference.posteriors.samples import SamplePosterior
-from hierbayes.inference.predictions import (
-    CategoricalPrediction,
-    GaussianPrediction,
-    MixturePrediction,
-    Prediction,
-)
-from hierbayes.inference.reference.full_bayes import FullBayesPosterior, nuts_full_bayes
-from hierbayes.inference.reference.meanfield import MeanFieldPosterior, meanfield_vi
-from hierbayes.inference.reference.nuts import nuts_numpyro, nuts_pyro
-from hierbayes.inference.svi.guide import TruncatedGradientGuide
-from hierbayes.inference.svi.llama import (
+The names a Pyro user reaches for first live here; the rest in subpackages:
+
+* :mod:`hierbayes.inference.posteriors`: task posteriors and predictions, ``hyper_laplace``;
+* :mod:`hierbayes.inference.references`: NUTS (Pyro, NumPyro), full Bayes, mean-field VI;
+* :mod:`hierbayes.inference.diagnostics`: metrics, ``compare_approximations``, ArviZ;
+* :mod:`hierbayes.inference.objectives`: the meta-objectives' modules;
+* :mod:`hierbayes.inference.core` and :mod:`hierbayes.inference.curvature`: the functional
+  core (inner loop, mode search, Laplace evidence, predictives) and the curvature backends;
+* :mod:`hierbayes.inference.linear_gaussian`: the linear-Gaussian theorem in closed form.
+"""
+
+from hierbayes.inference import diagnostics, posteriors, references
+from hierbayes.inference.guide import TruncatedGradientGuide
+from hierbayes.inference.objectives import (
     LaplaceEvidenceObjective,
     LaplacePenaltyObjective,
     LinearizedPredictiveObjective,
+    MAMLObjective,
+    MetaObjective,
     llama_objective,
 )
-from hierbayes.inference.svi.objectives import MAMLObjective, MetaObjective
 from hierbayes.inference.training.config import GuideConfig, OptimConfig, RunConfig
+from hierbayes.inference.training.convergence import Convergence
 from hierbayes.inference.training.distributed import DistributedTrainingError
-from hierbayes.inference.training.empirical_bayes import Convergence, UnconvergedWarning
 from hierbayes.inference.training.fit import fit
 from hierbayes.inference.training.load import load
 from hierbayes.inference.training.methods import Method, methods, register_method
@@ -50,55 +35,28 @@ from hierbayes.inference.training.result import (
 )
 
 __all__ = [
-    "CategoricalPrediction",
     "CheckpointError",
-    "ComparisonResult",
     "Convergence",
     "DistributedTrainingError",
     "FitResult",
-    "FullBayesPosterior",
-    "GaussianPosterior",
-    "GaussianPrediction",
     "GuideConfig",
-    "HyperLaplace",
-    "HyperLaplacePosterior",
     "LaplaceEvidenceObjective",
     "LaplacePenaltyObjective",
-    "LaplacePosterior",
     "LinearizedPredictiveObjective",
     "MAMLObjective",
-    "MeanFieldPosterior",
     "MetaObjective",
     "MetaTrainingDiverged",
     "MetaTrainingInterrupted",
     "Method",
-    "MixturePrediction",
     "OptimConfig",
-    "PointMassPosterior",
-    "Prediction",
-    "ReferenceNotConvergedWarning",
     "RunConfig",
-    "SamplePosterior",
-    "TaskMetrics",
-    "TaskPosterior",
     "TruncatedGradientGuide",
-    "UnconvergedWarning",
-    "compare_approximations",
-    "evaluate_posterior",
+    "diagnostics",
     "fit",
-    "gradient_steps",
-    "hyper_laplace",
-    "laplace_log_evidence",
-    "laplace_posterior",
-    "linearized_predictive",
     "llama_objective",
     "load",
-    "mean_ci95",
-    "meanfield_vi",
     "methods",
-    "nuts_full_bayes",
-    "nuts_numpyro",
-    "nuts_pyro",
+    "posteriors",
+    "references",
     "register_method",
-    "wasserstein2_gaussian",
 ]

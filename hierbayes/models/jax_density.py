@@ -14,7 +14,7 @@ the same quantity as ``TaskModelDensity.log_likelihood + TaskModelDensity.log_pr
 task (``m`` is the optional mask of real points). With a per-task Gaussian noise scale
 (``GaussianLikelihood(per_task=True)``), :math:`\log\sigma_j` is the last entry of
 :math:`\phi_j` with its own prior scale, as in the torch model. NumPyro's NUTS samples
-:math:`p(\phi \mid x, y, \hat\theta)` with it (:func:`hierbayes.inference.reference.nuts.nuts_numpyro`);
+:math:`p(\phi \mid x, y, \hat\theta)` with it (:func:`hierbayes.inference.references.nuts.nuts_numpyro`);
 the tests check it against the torch density in float64 to 1e-10 on random inputs.
 
 Nothing here reads the ``nn.Module``. The network is the model's fast-path plan
@@ -24,7 +24,7 @@ interpreted step by step with one table from step kind to a ``jax.numpy`` implem
 :class:`~hierbayes.models.network.ParameterLayout`. The likelihood is read through its declared
 :class:`~hierbayes.models.likelihoods.LikelihoodSpec`. A network off the fast path (a module that runs through
 ``torch.func.vmap``) has no plan, hence no JAX form: use
-:func:`~hierbayes.inference.reference.nuts.nuts_pyro`, which runs any hierbayes model.
+:func:`~hierbayes.inference.references.nuts.nuts_pyro`, which runs any hierbayes model.
 
 Batch norm uses the statistics of the task's real points: with a ``mask``, padded points are
 left out of the means and variances (the torch density refuses padded batch-norm tasks
@@ -232,7 +232,7 @@ def _plan_of(model: TaskModel) -> tuple[PlanStep, ...]:
             "the JAX density needs a network on BatchedNetwork's fast path (a (nested) "
             "nn.Sequential of Linear, Conv2d, pooling, Flatten, batch norm and element-wise "
             f"activations); {type(model.net.module).__name__} runs through torch.func.vmap and "
-            "has no JAX translation. Use hierbayes.inference.nuts_pyro, which runs any hierbayes "
+            "has no JAX translation. Use hierbayes.inference.references.nuts_pyro, which runs any hierbayes "
             "model."
         )
     return plan
@@ -285,7 +285,7 @@ def likelihood_spec(likelihood: Likelihood) -> LikelihoodSpec:
         raise NotImplementedError(
             f"{likelihood!r} declares no LikelihoodSpec, so it has no JAX translation (the "
             "built-in GaussianLikelihood and CategoricalLikelihood do). Use "
-            "hierbayes.inference.nuts_pyro, which runs any hierbayes model."
+            "hierbayes.inference.references.nuts_pyro, which runs any hierbayes model."
         )
     return spec
 

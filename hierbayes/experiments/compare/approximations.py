@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from hierbayes.experiments.compare.settings import CompareSettings
-from hierbayes.inference import FitResult, TaskPosterior
+from hierbayes.inference import FitResult
 from hierbayes.inference.diagnostics.compare import ComparisonResult, compare_approximations
+from hierbayes.inference.posteriors import TaskPosterior
 from hierbayes.inference.posteriors.laplace import laplace_posterior
-from hierbayes.inference.reference.meanfield import meanfield_vi
-from hierbayes.inference.reference.nuts import nuts_numpyro, nuts_pyro
+from hierbayes.inference.references.meanfield import meanfield_vi
+from hierbayes.inference.references.nuts import nuts_numpyro, nuts_pyro
 from hierbayes.tasks import TaskBatch
 
 __all__ = ["laplace_approximations", "score_problem", "shared_approximations", "timed"]
@@ -31,7 +32,7 @@ def laplace_approximations(
     r"""The Laplace rows: ``{"laplace_<curvature>": (posterior, seconds)}`` for ``tasks``.
 
     The single place where the Laplace rows join the comparison: one
-    :class:`~hierbayes.inference.LaplacePosterior` per curvature (``ggn``, ``kfac``, ``diag``,
+    :class:`~hierbayes.inference.posteriors.LaplacePosterior` per curvature (``ggn``, ``kfac``, ``diag``,
     and ``full`` where ``D <= 200``: the linear problem) with the wall time it took. Rows are
     compared with their default ``predict`` (linearised for Laplace).
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hierbayes.experiments.omniglot.config import OmniglotConfig
-from hierbayes.inference import FitResult, mean_ci95
+from hierbayes.inference import FitResult
+from hierbayes.inference.diagnostics import mean_ci95
 from hierbayes.inference.posteriors.laplace import LaplacePosterior
 from hierbayes.tasks import ImageDataset, TaskBatch
 

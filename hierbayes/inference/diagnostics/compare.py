@@ -179,7 +179,7 @@ def compare_approximations(
     Parameters
     ----------
     approximations:
-        ``{name: posterior}``, each a :class:`~hierbayes.inference.TaskPosterior` of the ``T``
+        ``{name: posterior}``, each a :class:`~hierbayes.inference.posteriors.TaskPosterior` of the ``T``
         tasks of ``tasks`` (adapted to their support sets with the same :math:`\hat\theta`). An
         MCMC posterior without convergence diagnostics gets them computed here.
     tasks:
@@ -189,7 +189,7 @@ def compare_approximations(
         ``pareto_k_max``), and ``lpd``, ``mse`` and the coverages are ``None``.
     reference:
         The name of the reference approximation. The default, ``"nuts_numpyro"``, falls back
-        to ``"full_bayes"`` (:func:`~hierbayes.inference.reference.full_bayes.nuts_full_bayes`,
+        to ``"full_bayes"`` (:func:`~hierbayes.inference.references.full_bayes.nuts_full_bayes`,
         the gold standard for groups), then to ``"nuts_pyro"`` and then to no reference when
         absent; an explicit name must be present; ``None`` computes no distances.
     num_draws, num_chains:

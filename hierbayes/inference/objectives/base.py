@@ -47,8 +47,8 @@ from torch import Tensor
 from hierbayes.errors import TaskDataError
 from hierbayes.inference.core.losses import HyperpriorSpace, global_log_jacobian, hyperprior_term
 from hierbayes.inference.core.mode_report import ModeReport
+from hierbayes.inference.guide import TruncatedGradientGuide
 from hierbayes.inference.posteriors.base import TaskPosterior
-from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.models.density import TaskDensity
 from hierbayes.models.structure import ModelStructure, trace_nodes
 from hierbayes.tasks.batch import TaskBatch

@@ -8,7 +8,7 @@ r"""Gaussian task posteriors :math:`\mathcal N(\mu_j, \Sigma_j)`, sampled or lin
   one (:func:`~hierbayes.inference.posteriors.linearized.linearized_gaussian`).
 * :class:`GaussianPosterior`: a dense :math:`\Sigma_j` per task, e.g. the closed-form posterior
   of the linear-Gaussian model. The mean-field posterior of
-  :func:`~hierbayes.inference.reference.meanfield.meanfield_vi` is another.
+  :func:`~hierbayes.inference.references.meanfield.meanfield_vi` is another.
 """
 
 from __future__ import annotations

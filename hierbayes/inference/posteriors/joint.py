@@ -1,7 +1,7 @@
 r"""Task posteriors that integrate over the globals: draws of :math:`(\theta, \phi_{1:T})` together.
 
 Empirical Bayes conditions every task posterior on one value :math:`\hat\theta`; a full-Bayes
-reference (:func:`~hierbayes.inference.reference.full_bayes.nuts_full_bayes`) and the
+reference (:func:`~hierbayes.inference.references.full_bayes.nuts_full_bayes`) and the
 hyperparameter-uncertainty posterior (:func:`~hierbayes.inference.posteriors.hyper_laplace.hyper_laplace`)
 integrate over :math:`\theta` instead:
 
@@ -157,7 +157,7 @@ def predict_from_joint_draws(
 
     Returns
     -------
-    A :class:`~hierbayes.inference.MixturePrediction` for Normal observations, the mean class
+    A :class:`~hierbayes.inference.posteriors.MixturePrediction` for Normal observations, the mean class
     probabilities for Categorical ones, a :class:`JointMixturePrediction` otherwise. The model
     is evaluated once per draw (the globals differ from draw to draw).
     """

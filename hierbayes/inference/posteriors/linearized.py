@@ -77,7 +77,7 @@ def linearized_gaussian(
 
     Returns
     -------
-    :class:`~hierbayes.inference.GaussianPrediction` whose mean :math:`f(x;\mu_j)` and variance
+    :class:`~hierbayes.inference.posteriors.GaussianPrediction` whose mean :math:`f(x;\mu_j)` and variance
     are ``(T, M, C)``. :math:`\sigma^2` is the variance of the density's own predictive
     :math:`p(y\mid\mu_j, x)`, so a per-task noise scale in :math:`\phi` is used at
     :math:`\mu_j`. Nothing is differentiable (evaluation only).

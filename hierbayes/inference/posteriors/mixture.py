@@ -4,7 +4,7 @@ r"""The predictive of a posterior held as draws: an equal-weight mixture over th
 
     q(y \mid x, \mathcal D^s_j) = \frac1S \sum_{s=1}^S p(y \mid \phi^{(s)}_j, x)
 
-Gaussian likelihood: :class:`~hierbayes.inference.MixturePrediction` (one noise variance for
+Gaussian likelihood: :class:`~hierbayes.inference.posteriors.MixturePrediction` (one noise variance for
 all draws, or one per draw when a per-task noise scale is part of :math:`\phi`); categorical:
 the mean of the class probabilities. Used by every posterior that predicts by sampling
 (:class:`~hierbayes.inference.posteriors.samples.SamplePosterior`, the Gaussian posteriors of
@@ -48,8 +48,8 @@ def predict_from_draws(
 
     Returns
     -------
-    :class:`~hierbayes.inference.MixturePrediction` with component means ``(S, T, M, C)``
-    (Gaussian likelihood) or :class:`~hierbayes.inference.CategoricalPrediction` with the mean
+    :class:`~hierbayes.inference.posteriors.MixturePrediction` with component means ``(S, T, M, C)``
+    (Gaussian likelihood) or :class:`~hierbayes.inference.posteriors.CategoricalPrediction` with the mean
     class probabilities ``(T, M, C)``. All draws are evaluated in one call of the density.
     """
     S, T, D = draws.shape

@@ -3,7 +3,7 @@ r"""Task posteriors held as the draws of Markov chains, with their convergence d
 :class:`SamplePosterior` holds draws :math:`\phi^{(c,s)}_j` of ``C`` chains, ``(C, S, T, D)``,
 the wall time of the run and the chains' convergence diagnostics (rank-normalised split
 :math:`\hat R`, bulk and tail effective sample sizes; Vehtari et al. 2021). The samplers of
-:mod:`hierbayes.inference.reference.nuts` return one with its diagnostics attached; for draws
+:mod:`hierbayes.inference.references.nuts` return one with its diagnostics attached; for draws
 of your own, pass ``diagnostics=convergence_diagnostics(draws)``
 (:func:`hierbayes.inference.diagnostics.arviz_bridge.convergence_diagnostics`). A task whose
 largest :math:`\hat R` exceeds ``rhat_threshold`` (1.01) is listed in

@@ -14,7 +14,8 @@ from pyro import poutine
 from torch import Tensor
 
 from hierbayes.errors import TaskDataError
-from hierbayes.inference.svi.guide import TruncatedGradientGuide
+from hierbayes.inference.guide import TruncatedGradientGuide
+from hierbayes.inference.objectives import LaplaceEvidenceObjective
 from hierbayes.inference.training.methods import Method, methods
 from hierbayes.models.density import NetworkDensity, PyroTaskDensity
 from hierbayes.models.diagnosis import support_violation
@@ -321,8 +322,6 @@ def check_query_less(
     MAML and the query-based LLAMA objectives are refused, naming the fix."""
     if batch.has_query:
         return
-    from hierbayes.inference.svi.llama import LaplaceEvidenceObjective
-
     evidence = (
         isinstance(objective, LaplaceEvidenceObjective)
         if objective is not None

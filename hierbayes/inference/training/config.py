@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.core.inner_loop import InnerLoss
-from hierbayes.inference.svi.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
+from hierbayes.inference.guide import InnerObjective, StepSizeMode, TruncatedGradientGuide
 
 __all__ = [
     "GuideConfig",

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from hierbayes.errors import ModelContractError
+from hierbayes.inference.guide import TruncatedGradientGuide
 from hierbayes.inference.objectives import LaplaceEvidenceObjective, MetaObjective
-from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.training.boundary import (
     boundary_sites,
     warn_at_boundary,

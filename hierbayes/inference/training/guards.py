@@ -26,7 +26,7 @@ from pyro.distributions import constraints
 from torch import Tensor
 
 from hierbayes.errors import NumericalError
-from hierbayes.inference.svi.guide import TruncatedGradientGuide
+from hierbayes.inference.guide import TruncatedGradientGuide
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = [

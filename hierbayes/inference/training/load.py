@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hierbayes.inference.svi.guide import TruncatedGradientGuide
+from hierbayes.inference.guide import TruncatedGradientGuide
 from hierbayes.inference.training.methods import get_method
 from hierbayes.inference.training.persistence import (
     _RUN_ONLY,

@@ -17,6 +17,7 @@ from hierbayes.errors import HierbayesError, TaskDataError
 from hierbayes.inference.core.laplace import prior_precision
 from hierbayes.inference.core.mode import newton_mode
 from hierbayes.inference.diagnostics.metrics import TaskMetrics, evaluate_posterior
+from hierbayes.inference.guide import TruncatedGradientGuide
 from hierbayes.inference.objectives import (
     LaplaceEvidenceObjective,
     LaplaceObjective,
@@ -24,7 +25,6 @@ from hierbayes.inference.objectives import (
 )
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.predictions import Prediction
-from hierbayes.inference.svi.guide import TruncatedGradientGuide
 from hierbayes.inference.training.checks import check_support
 from hierbayes.inference.training.convergence import Convergence
 from hierbayes.inference.training.persistence import run_state, write_atomic

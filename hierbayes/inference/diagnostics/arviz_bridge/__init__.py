@@ -3,7 +3,7 @@ r"""The ArviZ bridge: task posteriors as ``arviz.InferenceData``, diagnostics, E
 This package is the one place in hierbayes that imports ArviZ: the rest of hierbayes reaches
 ArviZ through it, and only when a function of it is called.
 
-:func:`to_inference_data` turns any :class:`~hierbayes.inference.TaskPosterior` (a MAML point
+:func:`to_inference_data` turns any :class:`~hierbayes.inference.posteriors.TaskPosterior` (a MAML point
 mass, a Laplace or mean-field Gaussian, NUTS draws) and a batch of held-out tasks into an
 ``InferenceData`` with the groups
 

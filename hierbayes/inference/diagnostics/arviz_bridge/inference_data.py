@@ -1,6 +1,6 @@
 r"""Task posteriors as ``arviz.InferenceData`` on held-out query sets, or in sample.
 
-:func:`to_inference_data` turns any :class:`~hierbayes.inference.TaskPosterior` and a batch of
+:func:`to_inference_data` turns any :class:`~hierbayes.inference.posteriors.TaskPosterior` and a batch of
 held-out tasks into the groups, dimensions and coordinates described in
 :mod:`hierbayes.inference.diagnostics.arviz_bridge`. The draws of :math:`\phi` come from
 :func:`~hierbayes.inference.diagnostics.readout.posterior_draws`.
@@ -174,7 +174,7 @@ def to_inference_data(
     Parameters
     ----------
     posterior:
-        Any :class:`~hierbayes.inference.TaskPosterior` of the ``T`` tasks of ``tasks``
+        Any :class:`~hierbayes.inference.posteriors.TaskPosterior` of the ``T`` tasks of ``tasks``
         (adapted to their support sets). A posterior that integrates over the globals (a
         :class:`~hierbayes.inference.posteriors.joint.JointDrawsPosterior`: the full-Bayes
         reference, the hyper-Laplace mixture) puts its global draws in the posterior group

@@ -1,6 +1,6 @@
 r"""The full-Bayes reference: NUTS over the globals and every task's latent together.
 
-Empirical Bayes (and the NUTS references of :mod:`hierbayes.inference.reference.nuts`) fix the
+Empirical Bayes (and the NUTS references of :mod:`hierbayes.inference.references.nuts`) fix the
 globals at :math:`\hat\theta`. :func:`nuts_full_bayes` samples the whole posterior of a
 hierarchical model instead (Grant et al. 2018, eq. 2 with :math:`\theta` a latent):
 
@@ -24,7 +24,7 @@ The result, :class:`FullBayesPosterior`, is a
 draws, diagnostics and flagged tasks, as every NUTS reference) that also holds the draws of the
 globals, their :math:`\hat R` and ESS, and predicts with the joint draws
 (:func:`~hierbayes.inference.posteriors.joint.predict_from_joint_draws`): it is the gold-standard
-row of :func:`~hierbayes.inference.compare_approximations` and converts to ArviZ with the globals
+row of :func:`~hierbayes.inference.diagnostics.compare_approximations` and converts to ArviZ with the globals
 in the posterior group under their site names.
 
 NumPyro: the JAX translation of :mod:`hierbayes.models.jax_density` covers a ``TaskModel``'s
@@ -59,8 +59,8 @@ from hierbayes.inference.posteriors.samples import (
 )
 from hierbayes.inference.posteriors.unconstrained import GlobalCoordinates
 from hierbayes.inference.predictions import Prediction
-from hierbayes.inference.reference.chains import check_counts, run_pyro_chain
-from hierbayes.inference.reference.target import resolve_density
+from hierbayes.inference.references.chains import check_counts, run_pyro_chain
+from hierbayes.inference.references.target import resolve_density
 from hierbayes.models.density import TaskDensity
 from hierbayes.tasks.batch import TaskBatch
 from hierbayes.tasks.collection import TaskCollection

@@ -30,9 +30,9 @@ same starts for both engines for a given ``seed`` (:func:`initial_points`). The 
 diagnostics, whose rank-normalised :math:`\hat R` flags tasks above 1.01 (never silently used
 as a reference: see :func:`hierbayes.inference.diagnostics.compare.compare_approximations`).
 
-The engines live in :mod:`~hierbayes.inference.reference.nuts_pyro` and
-:mod:`~hierbayes.inference.reference.nuts_numpyro`, what they share in
-:mod:`~hierbayes.inference.reference.chains`.
+The engines live in :mod:`~hierbayes.inference.references.nuts_pyro` and
+:mod:`~hierbayes.inference.references.nuts_numpyro`, what they share in
+:mod:`~hierbayes.inference.references.chains`.
 
 References
 ----------
@@ -47,8 +47,8 @@ References
 
 from __future__ import annotations
 
-from hierbayes.inference.reference.chains import initial_points
-from hierbayes.inference.reference.nuts_numpyro import nuts_numpyro
-from hierbayes.inference.reference.nuts_pyro import nuts_pyro
+from hierbayes.inference.references.chains import initial_points
+from hierbayes.inference.references.nuts_numpyro import nuts_numpyro
+from hierbayes.inference.references.nuts_pyro import nuts_pyro
 
 __all__ = ["initial_points", "nuts_numpyro", "nuts_pyro"]

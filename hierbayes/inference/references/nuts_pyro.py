@@ -4,7 +4,7 @@ r"""Reference task posteriors by Pyro's No-U-Turn sampler, for any hierbayes mod
 :math:`U(\phi) = -\log p(y^s_j\mid\phi, x^s_j) - \log p(\phi\mid\hat\theta)` read from the
 model's :class:`~hierbayes.models.TaskDensity`, task after task and chain after chain (a
 task's chains are independent runs from dispersed starts). See
-:mod:`hierbayes.inference.reference.nuts`.
+:mod:`hierbayes.inference.references.nuts`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from torch import Tensor
 
 from hierbayes.inference.core.joint import log_joint
 from hierbayes.inference.posteriors.samples import SamplePosterior
-from hierbayes.inference.reference.chains import (
+from hierbayes.inference.references.chains import (
     check_counts,
     initial_points,
     run_pyro_chain,
     sample_posterior,
 )
-from hierbayes.inference.reference.target import resolve_density
+from hierbayes.inference.references.target import resolve_density
 from hierbayes.tasks.batch import TaskBatch
 
 __all__ = ["nuts_pyro"]
@@ -65,7 +65,7 @@ def nuts_pyro(
     target_accept_prob, max_tree_depth:
         NUTS' adaptation target and tree-depth limit (Pyro's defaults 0.8 and 10).
     init, init_radius:
-        Starting points, see :func:`~hierbayes.inference.reference.chains.initial_points`.
+        Starting points, see :func:`~hierbayes.inference.references.chains.initial_points`.
     jit_compile:
         Pyro's ``torch.jit`` tracing of the potential's gradient.
 

@@ -4,7 +4,7 @@ NumPyro's NUTS kernel (``numpyro.infer.hmc.hmc``) on the JAX log density of a
 :class:`~hierbayes.models.TaskModel` (:func:`~hierbayes.models.jax_density.jax_log_density`),
 compiled once with ``jax.jit`` and vectorised over chains with ``jax.vmap`` (and over tasks
 with ``vectorize_tasks``). JAX and NumPyro are imported when it runs, not before. See
-:mod:`hierbayes.inference.reference.nuts`.
+:mod:`hierbayes.inference.references.nuts`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from hierbayes.inference.posteriors.samples import SamplePosterior
-from hierbayes.inference.reference.chains import check_counts, initial_points, sample_posterior
-from hierbayes.inference.reference.target import resolve_density
+from hierbayes.inference.references.chains import check_counts, initial_points, sample_posterior
+from hierbayes.inference.references.target import resolve_density
 from hierbayes.models.jax_density import (
     JAX_INSTALL_HINT,
     jax_log_density,
@@ -71,7 +71,7 @@ def nuts_numpyro(
         :class:`~hierbayes.models.TaskModelDensity`.
     params, tasks, num_warmup, num_samples, num_chains, target_accept_prob, max_tree_depth,
     init, init_radius:
-        As in :func:`~hierbayes.inference.reference.nuts_pyro.nuts_pyro` (the same ``seed``
+        As in :func:`~hierbayes.inference.references.nuts_pyro.nuts_pyro` (the same ``seed``
         gives the same starting points).
     seed:
         Seeds the starting points and the JAX PRNG keys.

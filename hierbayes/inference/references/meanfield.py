@@ -64,7 +64,7 @@ from torch import Tensor
 
 from hierbayes.inference.core.joint import log_joint as core_log_joint
 from hierbayes.inference.posteriors.gaussian import GaussianTaskPosterior
-from hierbayes.inference.reference.target import resolve_density
+from hierbayes.inference.references.target import resolve_density
 from hierbayes.models.density import TaskDensity
 from hierbayes.tasks.batch import TaskBatch
 
