@@ -22,12 +22,14 @@ from hierbayes.models import (
 jax = pytest.importorskip("jax")
 pytest.importorskip("numpyro")
 
-from hierbayes.models.jax_density import (  # noqa: E402
-    _JAX_STEPS,
+from hierbayes.inference.references.jax_density import (  # noqa: E402
     jax_log_density,
-    jax_network,
     jax_params,
     likelihood_spec,
+)
+from hierbayes.inference.references.jax_network import (  # noqa: E402
+    _JAX_STEPS,
+    jax_network,
     require_jax,
 )
 from hierbayes.models.likelihoods import LikelihoodSpec  # noqa: E402

@@ -18,7 +18,7 @@ the module's own parameters only supply the layout and the initial value
   products (``baddbmm``) and grouped convolutions, recording on request every
   ``Linear``/``Conv2d`` layer's input and pre-activation output for the curvature backends
   (generalised Gauss--Newton Gram matrices, K-FAC factors). The JAX density of
-  :mod:`hierbayes.models.jax_density` interprets the same plan;
+  :mod:`hierbayes.inference.references.jax_density` interprets the same plan;
 * ``torch.func.vmap`` over ``torch.func.functional_call`` for any other module.
 
 The tests check that both agree.

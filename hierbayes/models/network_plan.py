@@ -20,7 +20,7 @@ with its own table from ``kind`` (and an activation's ``name``) to an implementa
 interpreters read one description: :func:`~hierbayes.models.network_ops.torch_step`, batched
 over tasks, which
 :class:`~hierbayes.models.network.BatchedNetwork` runs, and the JAX table of
-:mod:`hierbayes.models.jax_density`, one task at a time.
+:mod:`hierbayes.inference.references.jax_density`, one task at a time.
 """
 
 from __future__ import annotations

@@ -240,14 +240,6 @@ class TaskModel(PyroModule):
         self.net._buffers = dict(self.net.module.named_buffers())
         return self
 
-    def jax_log_density(self) -> Any:
-        """A pure-JAX ``log_density(phi, x, y, params, mask=None)`` of one task (likelihood plus
-        prior), for NumPyro's NUTS; ``params`` from :func:`hierbayes.models.jax_density.jax_params`.
-        Needs JAX (``pip install "hierbayes[jax]"``)."""
-        from hierbayes.models.jax_density import jax_log_density
-
-        return jax_log_density(self)
-
     def task_density(self, structure: ModelStructure) -> TaskModelDensity:
         """The native :class:`~hierbayes.models.density.TaskDensity` of this model."""
         return TaskModelDensity(self, structure)

@@ -27,7 +27,7 @@ globals, their :math:`\hat R` and ESS, and predicts with the joint draws
 row of :func:`~hierbayes.inference.diagnostics.compare_approximations` and converts to ArviZ with the globals
 in the posterior group under their site names.
 
-NumPyro: the JAX translation of :mod:`hierbayes.models.jax_density` covers a ``TaskModel``'s
+NumPyro: the JAX translation of :mod:`hierbayes.inference.references.jax_density` covers a ``TaskModel``'s
 per-task density only (not its hyperprior), so the full-Bayes reference is Pyro's.
 
 References

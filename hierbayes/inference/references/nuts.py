@@ -13,7 +13,7 @@ the exact posterior that MAML's point mass, the Laplace Gaussians and mean-field
 approximate (Grant et al. 2018, §3). The potential energy is
 :math:`U(\phi) = -\log p(y^s_j\mid\phi, x^s_j) - \log p(\phi\mid\hat\theta)`, read from the
 model's :class:`~hierbayes.models.TaskDensity` (Pyro) or from its JAX translation
-(:func:`~hierbayes.models.jax_density.jax_log_density`, NumPyro).
+(:func:`~hierbayes.inference.references.jax_density.jax_log_density`, NumPyro).
 
 * :func:`nuts_pyro` runs ``pyro.infer.MCMC(NUTS(potential_fn=U))`` for **any** hierbayes model,
   one chain after another (a task's chains are independent runs from dispersed starts).

@@ -1,7 +1,7 @@
 r"""Reference task posteriors by NumPyro's No-U-Turn sampler, for built-in task models.
 
 NumPyro's NUTS kernel (``numpyro.infer.hmc.hmc``) on the JAX log density of a
-:class:`~hierbayes.models.TaskModel` (:func:`~hierbayes.models.jax_density.jax_log_density`),
+:class:`~hierbayes.models.TaskModel` (:func:`~hierbayes.inference.references.jax_density.jax_log_density`),
 compiled once with ``jax.jit`` and vectorised over chains with ``jax.vmap`` (and over tasks
 with ``vectorize_tasks``). JAX and NumPyro are imported when it runs, not before. See
 :mod:`hierbayes.inference.references.nuts`.
@@ -19,14 +19,9 @@ from torch import Tensor
 
 from hierbayes.inference.posteriors.samples import SamplePosterior
 from hierbayes.inference.references.chains import check_counts, initial_points, sample_posterior
+from hierbayes.inference.references.jax_density import jax_log_density, jax_params, to_numpy
+from hierbayes.inference.references.jax_network import JAX_INSTALL_HINT, require_jax
 from hierbayes.inference.references.target import resolve_density
-from hierbayes.models.jax_density import (
-    JAX_INSTALL_HINT,
-    jax_log_density,
-    jax_params,
-    require_jax,
-    to_numpy,
-)
 from hierbayes.models.task_model import TaskModel, TaskModelDensity
 from hierbayes.tasks.batch import TaskBatch
 
@@ -67,7 +62,7 @@ def nuts_numpyro(
     ----------
     model:
         A :class:`~hierbayes.models.TaskModel` whose network and likelihood have a JAX
-        translation (:func:`~hierbayes.models.jax_density.jax_log_density`), or its
+        translation (:func:`~hierbayes.inference.references.jax_density.jax_log_density`), or its
         :class:`~hierbayes.models.TaskModelDensity`.
     params, tasks, num_warmup, num_samples, num_chains, target_accept_prob, max_tree_depth,
     init, init_radius:
