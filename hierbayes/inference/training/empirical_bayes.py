@@ -61,6 +61,7 @@ from hierbayes.inference.training.convergence import (
     relative_change,
     stall_reason,
 )
+from hierbayes.inference.training.interrupts import InterruptGuard
 from hierbayes.inference.training.verdict import stochastic_convergence, warn_unconverged
 from hierbayes.tasks.batch import TaskBatch
 
@@ -224,46 +225,48 @@ def run_full_batch(
     step = len(result.history)
     loss_value = float("nan")
     grad_norm = float("nan")
-    while True:
-        loss = closure()
-        loss_value = float(loss)
-        grad_norm = gradient_norm(parameters)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            raise MetaTrainingDiverged(
-                f"L-BFGS iteration {step}: the {result.method} objective is {loss_value} (gradient "
-                f"norm {grad_norm}); the result holds the last iterate. Try dtype=torch.float64, "
-                "or a hyperprior that keeps scales away from 0",
-                result,
-            )
-        if previous is not None:
-            change = relative_change(previous, loss_value)
-        if grad_norm <= grad_tolerance:  # converged: the gradient test, and only it
-            converged = True
-            reason = f"gradient norm {grad_norm:.3g} <= grad_tolerance {grad_tolerance:.3g}"
-            break
-        if change is not None and change <= loss_tolerance:  # the loss stopped changing first
-            stalled = True
-            reason = stall_reason(change, loss_tolerance, grad_norm, grad_tolerance, loss.dtype)
-            break
-        values = guide.global_values()
-        low = [n for n in sites if float(values[n].detach().reshape(())) < tiny]
-        if low:
-            reason = (
-                f"{low[0]!r} fell below {tiny:.3g}, towards its boundary at 0 (the objective "
-                "keeps falling there)"
-            )
-            break
-        if step >= max_steps:
-            break
-        result.history.append(loss_value)
-        result.wall_time = time.perf_counter() - started
-        if callback is not None:
-            callback(step, loss_value, result)
-        fresh.append(loss)
-        optimizer.step(closure)  # type: ignore[arg-type]
-        fresh.clear()
-        previous = loss_value
-        step += 1
+    with InterruptGuard() as guard:
+        while True:
+            loss = closure()
+            loss_value = float(loss)
+            grad_norm = gradient_norm(parameters)
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                raise MetaTrainingDiverged(
+                    f"L-BFGS iteration {step}: the {result.method} objective is {loss_value} (gradient "
+                    f"norm {grad_norm}); the result holds the last iterate. Try dtype=torch.float64, "
+                    "or a hyperprior that keeps scales away from 0",
+                    result,
+                )
+            if previous is not None:
+                change = relative_change(previous, loss_value)
+            if grad_norm <= grad_tolerance:  # converged: the gradient test, and only it
+                converged = True
+                reason = f"gradient norm {grad_norm:.3g} <= grad_tolerance {grad_tolerance:.3g}"
+                break
+            if change is not None and change <= loss_tolerance:  # the loss stopped changing first
+                stalled = True
+                reason = stall_reason(change, loss_tolerance, grad_norm, grad_tolerance, loss.dtype)
+                break
+            values = guide.global_values()
+            low = [n for n in sites if float(values[n].detach().reshape(())) < tiny]
+            if low:
+                reason = (
+                    f"{low[0]!r} fell below {tiny:.3g}, towards its boundary at 0 (the objective "
+                    "keeps falling there)"
+                )
+                break
+            if step >= max_steps:
+                break
+            fresh.append(loss)
+            with guard.critical():  # an L-BFGS iteration is taken whole or not at all
+                optimizer.step(closure)  # type: ignore[arg-type]
+                fresh.clear()
+                result.history.append(loss_value)
+                result.wall_time = time.perf_counter() - started
+            if callback is not None:
+                callback(step, loss_value, result)
+            previous = loss_value
+            step += 1
     result.wall_time = time.perf_counter() - started
     optimizer.zero_grad(set_to_none=True)
     return Convergence(

@@ -12,7 +12,6 @@ takes gives the same loss and gradients (tested). Its settings are three frozen 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,12 @@ from hierbayes.inference.training.launch import distributed_session
 from hierbayes.inference.training.loop import TrainingControl, TrainingRun
 from hierbayes.inference.training.methods import get_method
 from hierbayes.inference.training.persistence import read_run, restore_run
-from hierbayes.inference.training.result import FitResult, TrainingState
+from hierbayes.inference.training.prepare import (
+    first_batch,
+    resolve_device,
+    warn_if_batch_too_large,
+)
+from hierbayes.inference.training.result import FitResult, MetaTrainingInterrupted, TrainingState
 from hierbayes.models.task_model import TaskModel
 from hierbayes.tasks.batch import TaskBatch
 from hierbayes.tasks.source import TaskSource
@@ -177,45 +181,6 @@ def fit(
         )
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but torch.cuda.is_available() is False")
-    return dev
-
-
-def _first_batch(
-    source: Any,
-    tasks: Any,
-    optim: OptimConfig,
-    run: RunConfig,
-    dev: torch.device,
-    generator: torch.Generator,
-) -> TaskBatch:
-    if (
-        not isinstance(tasks, TaskBatch)  # one batch given: training on all of it is the point
-        and source.num_tasks is not None
-        and optim.meta_batch_size > source.num_tasks
-    ):
-        warnings.warn(
-            f"meta_batch_size={optim.meta_batch_size} is larger than the {source.num_tasks} "
-            f"tasks available: every meta-step uses all {source.num_tasks}",
-            UserWarning,
-            stacklevel=5,
-        )
-    first = source.sample(optim.meta_batch_size, generator=generator, dtype=run.dtype)
-    return TaskBatch(
-        first.support_x,
-        first.support_y,
-        first.query_x,
-        first.query_y,
-        first.support_mask,
-        first.query_mask,
-        first.task_ids,
-        first.info,
-    ).to(dev)  # re-validated
-
-
 def _fit(
     model: Any,
     tasks: Any,
@@ -260,13 +225,13 @@ def _fit(
             f"got {type(model).__name__}"
         )
     saved = read_run(run.resume, map_location="cpu") if run.resume is not None else None
-    dev = _resolve_device(run.device) if context is None else context.device
+    dev = resolve_device(run.device) if context is None else context.device
     source = as_task_source(tasks)
     torch.manual_seed(run.seed)
     generator = torch.Generator().manual_seed(run.seed)
     if isinstance(model, torch.nn.Module):
         model.to(device=dev, dtype=run.dtype)
-    first = _first_batch(source, tasks, optim, run, dev, generator)
+    first = first_batch(source, optim, run, dev, generator)
     check_query_less(spec.name, objective, method_options, first)
     check_dtype(model, first, run.dtype)
     check_inputs(model, first)
@@ -308,6 +273,7 @@ def _fit(
             num_tasks=source.num_tasks, hyperprior_space=space or "constrained", **method_options
         )
     objective.check(guide.density)  # declared capabilities, checked before any training
+    warn_if_batch_too_large(source, tasks, optim)
     config = dict(
         method=method,
         meta_steps=run.meta_steps,
@@ -352,46 +318,63 @@ def _fit(
     training = TrainingRun(
         result, source, control, dtype=run.dtype, device=dev, progress=run.progress, context=context
     )
-    if full_batch:
-        result.convergence = run_full_batch(
-            result,
-            source,
-            max_steps=run.meta_steps,
-            callback=run.callback,
-            grad_tolerance=optim.grad_tolerance,
-            loss_tolerance=optim.loss_tolerance,
-            dtype=run.dtype,
-            device=dev,
+    try:
+        if full_batch:
+            result.convergence = run_full_batch(
+                result,
+                source,
+                max_steps=run.meta_steps,
+                callback=run.callback,
+                grad_tolerance=optim.grad_tolerance,
+                loss_tolerance=optim.loss_tolerance,
+                dtype=run.dtype,
+                device=dev,
+            )
+            if control.checkpoint is not None:
+                result.save(control.checkpoint)
+        else:
+            training.train(run.meta_steps, run.callback)
+            result.convergence = stochastic_convergence(
+                result,
+                source,
+                optimizer="adam" if optim.optimizer is None else "custom",
+                query_less=not first.has_query,
+                grad_tolerance=optim.grad_tolerance,
+                loss_tolerance=optim.loss_tolerance,
+                dtype=run.dtype,
+                device=dev,
+            )
+        at_boundary = (
+            boundary_sites(result, source, dtype=run.dtype, device=dev) if full_batch else {}
         )
-        if control.checkpoint is not None:
-            result.save(control.checkpoint)
-    else:
-        training.train(run.meta_steps, run.callback)
-        result.convergence = stochastic_convergence(
-            result,
-            source,
-            optimizer="adam" if optim.optimizer is None else "custom",
-            query_less=not first.has_query,
-            grad_tolerance=optim.grad_tolerance,
-            loss_tolerance=optim.loss_tolerance,
-            dtype=run.dtype,
-            device=dev,
+        if not at_boundary:  # a scale at its boundary is why such a run stops: that warning says it
+            warn_unconverged(result.convergence, result)
+        warn_at_boundary(at_boundary, result)
+        boundary_warnings(
+            [
+                s
+                for s in guide.structure.global_sites
+                if not _reported_by_model(model, s.name) and s.name not in at_boundary
+            ],
+            start_values,
+            guide.global_values(),
+            method,
         )
-    at_boundary = boundary_sites(result, source, dtype=run.dtype, device=dev) if full_batch else {}
-    if not at_boundary:  # a scale at its boundary is why such a run stops: that warning says it
-        warn_unconverged(result.convergence, result)
-    warn_at_boundary(at_boundary, result)
-    boundary_warnings(
-        [
-            s
-            for s in guide.structure.global_sites
-            if not _reported_by_model(model, s.name) and s.name not in at_boundary
-        ],
-        start_values,
-        guide.global_values(),
-        method,
-    )
-    warn_if_prior_collapsed(model, result)
+        warn_if_prior_collapsed(model, result)
+    except KeyboardInterrupt as err:
+        if isinstance(err, MetaTrainingInterrupted):
+            raise
+        # between steps (an L-BFGS iteration, or the report after the last step): the run is
+        # at a step boundary (the stochastic loop saves an interrupted step itself)
+        written = control.checkpoint if context is None or context.is_main else None
+        if written is not None:
+            result.save(written)
+        raise MetaTrainingInterrupted(
+            f"meta-training was interrupted after {len(result.history)} meta-steps"
+            + (f"; the run is saved at {written}" if written is not None else "")
+            + " (the exception's .result holds it).",
+            result,
+        ) from err
     return result
 
 

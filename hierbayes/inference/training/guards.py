@@ -55,34 +55,86 @@ class WarningTally:
         self.counts: dict[tuple[type[Warning], str], int] = {}
         self.first: dict[tuple[type[Warning], str], str] = {}
 
-    def add(self, record: warnings.WarningMessage) -> None:
-        message = str(record.message)
-        key = (record.category, _NUMBER.sub("#", message))
-        if key not in self.counts:
+    def add(self, message: Warning | str, category: type[Warning]) -> bool:
+        """Count one warning; ``True`` when it is the first of its kind."""
+        text = str(message)
+        key = (category, _NUMBER.sub("#", text))
+        first = key not in self.counts
+        if first:
             self.counts[key] = 0
-            self.first[key] = message
+            self.first[key] = text
         self.counts[key] += 1
+        return first
 
-    def reissue(self, stacklevel: int) -> None:
-        for key, message in self.first.items():
-            count = self.counts[key]
-            suffix = "" if count == 1 else f" [{count} times in this run; the first shown]"
-            warnings.warn(message + suffix, key[0], stacklevel=stacklevel)
+    def repeated(self) -> list[tuple[type[Warning], str, int]]:
+        """``(category, first message, count)`` of each warning that fired more than once."""
+        return [(key[0], self.first[key], n) for key, n in self.counts.items() if n > 1]
+
+
+def _reissue_through(
+    filters: list[Any],
+    show: Any,
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+) -> None:
+    """Issue a warning at its own location through the caller's filters and display hook
+    (``error`` raises it here and now; ``ignore`` drops it; pytest's recorder records it)."""
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, text, kind, module, line in reversed(filters):
+            warnings.filterwarnings(
+                action,
+                message=_pattern(text),
+                category=kind,
+                module=_pattern(module),
+                lineno=line,
+            )
+        warnings.showwarning = show
+        warnings.warn_explicit(message, category, filename, lineno, registry={})
+
+
+def _pattern(value: Any) -> str:
+    """A filter's message or module: a compiled pattern, a string, or ``None``."""
+    if value is None:
+        return ""
+    return str(getattr(value, "pattern", value))
 
 
 @contextmanager
 def warning_tally(stacklevel: int = 4) -> Iterator[WarningTally]:
-    """Collect the warnings raised inside; on leaving (normally or by an exception) issue each
-    distinct one once, with its count."""
+    """Issue each distinct warning raised inside **when it happens**, through the caller's own
+    filters (so an ``error`` filter stops the run at that moment, and nothing waits for the end
+    of the run); count the repeats, and on leaving (normally or by an exception) say once for
+    each repeated warning how often it fired."""
     tally = WarningTally()
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        try:
+    outer_filters = list(warnings.filters)
+    outer_show = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        if tally.add(message, category):
+            _reissue_through(outer_filters, outer_show, message, category, filename, lineno)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
             yield tally
-        finally:
-            for record in records:
-                tally.add(record)
-    tally.reissue(stacklevel)
+    finally:  # with the caller's filters again, whether the run ended or raised
+        for category, message, count in tally.repeated():
+            warnings.warn(
+                f"{message} [{count} times in this run; the first was shown when it happened]",
+                category,
+                stacklevel=stacklevel,
+            )
 
 
 #: How many times worse (in support negative log likelihood) adaptation may leave a task

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from hierbayes.errors import NumericalError
 from hierbayes.inference.training.distributed import DistributedContext
 from hierbayes.inference.training.guards import check_inner_loop, check_jump
+from hierbayes.inference.training.interrupts import InterruptGuard, StepSnapshot
 from hierbayes.inference.training.result import (
     FitResult,
     MetaTrainingDiverged,
@@ -95,6 +96,8 @@ class TrainingRun:
     def train(
         self, meta_steps: int, callback: Callable[[int, float, FitResult], None] | None
     ) -> None:
+        """Take meta-steps up to ``meta_steps`` (see the module docstring); a Ctrl-C leaves the
+        run at a step boundary (:mod:`~hierbayes.inference.training.interrupts`)."""
         result = self.result
         begin = len(result.history)
         started = time.perf_counter() - result.wall_time
@@ -106,23 +109,33 @@ class TrainingRun:
             initial=begin,
             total=meta_steps,
         )
+        snapshot: StepSnapshot | None = None
+        committed = True
         try:
-            for step in bar:
-                batch = self._sample()
-                if self.control.check_every and step % self.control.check_every == 0:
-                    self._check_inner_loop(step, batch.to(self.device))
-                value, grad_norm = self._step(step, *self._share(batch))
-                result.history.append(value)
-                result.wall_time = time.perf_counter() - started
-                self._record(step, value, grad_norm)
-                if self.progress and step % 50 == 0:
-                    bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-                if callback is not None:
-                    callback(step, value, result)
-                every = self.control.checkpoint_every
-                if every and (step + 1) % every == 0 and step + 1 < meta_steps:
-                    self._checkpoint()
+            with InterruptGuard() as guard:
+                for step in bar:
+                    snapshot, committed = StepSnapshot.take(self.generator), False
+                    batch = self._sample()
+                    if self.control.check_every and step % self.control.check_every == 0:
+                        self._check_inner_loop(step, batch.to(self.device))
+                    value, grad_norm = self._step(step, *self._share(batch))
+                    with guard.critical():  # the step is taken whole or not at all
+                        self._commit()
+                        result.history.append(value)
+                        result.wall_time = time.perf_counter() - started
+                        self._record(step, value, grad_norm)
+                        committed = True
+                        every = self.control.checkpoint_every
+                        if every and (step + 1) % every == 0 and step + 1 < meta_steps:
+                            self._checkpoint()
+                    if self.progress and step % 50 == 0:
+                        bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+                    if callback is not None:
+                        callback(step, value, result)
         except KeyboardInterrupt as err:
+            if not committed and snapshot is not None:  # back to the boundary before the step
+                snapshot.restore(self.generator)
+                self.optimizer.zero_grad(set_to_none=True)
             result.wall_time = time.perf_counter() - started
             where = self._checkpoint()
             raise MetaTrainingInterrupted(
@@ -170,13 +183,16 @@ class TrainingRun:
             raise MetaTrainingDiverged(f"{err} {_kept(step)}", self.result) from err
 
     def _step(self, step: int, batch: TaskBatch, weight: float) -> tuple[float, float | None]:
-        """One optimiser step on ``batch`` (this rank's share of the meta-batch, whose weight in
-        the mean over the meta-batch's tasks is ``weight``)."""
+        """The loss and the meta-gradient of ``batch`` (this rank's share of the meta-batch,
+        whose weight in the mean over the meta-batch's tasks is ``weight``), checked and clipped;
+        :meth:`_commit` then takes the step."""
         result = self.result
         self.optimizer.zero_grad(set_to_none=True)
         loss: Tensor | None = None
         try:
-            loss = result.objective.meta_loss(result.guide, batch)
+            evaluated = result.objective.evaluate(result.guide, batch)
+            loss = evaluated.loss
+            result.mode_report = evaluated.mode
             value = float(loss.detach())
             cause: NumericalError | None = None
         except NumericalError as err:
@@ -215,10 +231,13 @@ class TrainingRun:
             grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(self.parameters, self.control.clip_grad_norm)
             )
+        return value, grad_norm
+
+    def _commit(self) -> None:
+        """The optimiser's and the schedule's step (inside the loop's critical section)."""
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        return value, grad_norm
 
     # -- what a step leaves behind -----------------------------------------------------------------
 

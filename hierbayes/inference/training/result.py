@@ -16,6 +16,7 @@ from torch import Tensor
 from hierbayes.errors import HierbayesError, TaskDataError
 from hierbayes.inference.core.laplace import prior_precision
 from hierbayes.inference.core.mode import newton_mode
+from hierbayes.inference.core.mode_report import ModeReport
 from hierbayes.inference.diagnostics.metrics import TaskMetrics, evaluate_posterior
 from hierbayes.inference.guide import TruncatedGradientGuide
 from hierbayes.inference.objectives import (
@@ -110,6 +111,10 @@ class FitResult:
     #: change of the loss (:class:`~hierbayes.inference.training.empirical_bayes.Convergence`;
     #: ``None`` for a loaded result).
     convergence: Convergence | None = field(default=None, repr=False)
+    #: The mode search's report of the last meta-step (objectives evaluated at each task's
+    #: mode: ``steps``, per task ``converged``, ``decrement``, ``gradient_norm``, ``failed``);
+    #: ``None`` for other objectives.
+    mode_report: ModeReport | None = field(default=None, repr=False)
 
     # -- persistence ---------------------------------------------------------------------------
 
