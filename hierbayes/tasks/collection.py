@@ -120,6 +120,8 @@ class TaskCollection:
         _check_finite(columns)
         self._columns = columns
         self.has_query = query_flags[0]
+        #: The group of each task when built by :meth:`from_groups`, in task order.
+        self.group_labels: list[Any] | None = None
 
     @classmethod
     def from_tensors(
@@ -143,6 +145,34 @@ class TaskCollection:
                 raise TaskDataError(f"{f} has {t.shape[0]} tasks but support_x has {J}")
         tasks = [[t[j] for t in tensors if t is not None] for j in range(J)]
         return cls(tasks, **kwargs)
+
+    @classmethod
+    def from_groups(
+        cls,
+        groups: ArrayLike,
+        x: ArrayLike,
+        y: ArrayLike,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> TaskCollection:
+        """Groups as tasks from a table: one row per observation, ``groups`` ``(n,)`` the
+        group of each row (any labels: county names, ids), ``x`` ``(n, ...)`` and ``y``
+        ``(n, ...)`` its inputs and targets (e.g. columns of a data frame as arrays). Each
+        group becomes a task with all its rows as the support set and no query set (empirical
+        Bayes fits it with ``method="llama", objective="evidence"``), in the order the groups
+        first appear; ``group_labels`` keeps that order."""
+        labels = np.asarray(groups)
+        xs, ys = np.asarray(x), np.asarray(y)
+        if labels.ndim != 1 or xs.shape[0] != labels.shape[0] or ys.shape[0] != labels.shape[0]:
+            raise TaskDataError(
+                f"groups, x and y need one row per observation: got groups of shape "
+                f"{labels.shape}, x {xs.shape} and y {ys.shape}"
+            )
+        order = list(dict.fromkeys(labels.tolist()))
+        tasks = [(xs[labels == g], ys[labels == g]) for g in order]
+        collection = cls(tasks, require_query=False, dtype=dtype)
+        collection.group_labels = order
+        return collection
 
     @staticmethod
     def _check_task(j: int, columns: dict[str, list[Tensor]], *, has_query: bool) -> None:

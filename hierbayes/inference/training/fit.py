@@ -273,7 +273,8 @@ def _fit(
             num_tasks=source.num_tasks, hyperprior_space=space or "constrained", **method_options
         )
     objective.check(guide.density)  # declared capabilities, checked before any training
-    warn_if_batch_too_large(source, tasks, optim)
+    if not full_batch:  # a full-batch run takes every task anyway
+        warn_if_batch_too_large(source, tasks, optim)
     config = dict(
         method=method,
         meta_steps=run.meta_steps,
