@@ -162,11 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _sinusoid_parser(sub)
-    from hierbayes.experiments import compare, linear, omniglot
+    from hierbayes.experiments import compare, linear, omniglot, radon
 
     linear.add_parser(sub)
     compare.add_parser(sub)
     omniglot.add_parser(sub)
+    radon.add_parser(sub)
     return parser
 
 
@@ -256,7 +257,7 @@ def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args.threads)
-    from hierbayes.experiments import compare, linear, omniglot
+    from hierbayes.experiments import compare, linear, omniglot, radon
 
     handlers = {
         "demo": _run_demo,
@@ -264,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "linear": linear.run,
         "compare": compare.run,
         "omniglot": omniglot.run,
+        "radon": radon.run,
     }
     with _outputs_on_rank_zero(args):
         handlers[args.command](args)
