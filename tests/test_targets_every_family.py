@@ -75,3 +75,29 @@ def test_the_point_mass_predictive_scores_what_the_program_scores(family: str) -
     expected = site["fn"].log_prob(site["value"])
     assert_close(got, expected)
     pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("family", ["studentt", "binomial", "categorical"])
+def test_the_siblings_take_the_same_targets(family: str) -> None:
+    """The other roads a prediction takes (NUTS draws, mean-field VI, the hyper-Laplace
+    mixture, the comparison, ArviZ) take the (T, N, 1) targets too."""
+    from hierbayes.inference.diagnostics import compare_approximations, to_inference_data
+    from hierbayes.inference.posteriors import hyper_laplace
+    from hierbayes.inference.references import meanfield_vi, nuts_pyro
+
+    tasks = family_tasks(family, T=3)
+    model = family_program(family)
+    result, _ = _fit(family, "evidence")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short chains: R-hat flags; not what is tested here
+        nuts = nuts_pyro(model, result.params, tasks, num_warmup=30, num_samples=30, num_chains=2)
+        meanfield = meanfield_vi(model, result.params, tasks, num_steps=30)
+        hyper = hyper_laplace(result, tasks).task_posteriors
+        table = compare_approximations(
+            {"laplace": result.adapt(tasks), "meanfield": meanfield, "hyper": hyper, "nuts": nuts},
+            tasks,
+        )
+        idata = to_inference_data(nuts, tasks)
+    for row in table.table.values():
+        assert row["lpd"] is not None and torch.isfinite(torch.tensor(row["lpd"]))
+    assert idata.observed_data["y"].shape[:2] == tasks.query_y.shape[:2]
