@@ -32,6 +32,8 @@ class EpisodicSampler:
     ways, shots, query_shots:
         Classes per episode, and support and query examples per class.
 
+    Notes
+    -----
     Support and query sets are ordered class by class: ``support_y`` of every episode is
     ``[0]*shots + [1]*shots + ...``, with the class-to-label map drawn anew per episode.
     """

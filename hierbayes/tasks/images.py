@@ -181,6 +181,8 @@ def load_omniglot(
     invert:
         Ink 1, paper 0 (the release's PNGs are black on white).
 
+    Notes
+    -----
     Classes are ordered by alphabet, then character, then rotation; images of one class by file
     name (one per drawer).
     """

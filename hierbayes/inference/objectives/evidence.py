@@ -65,6 +65,8 @@ class LaplaceEvidenceObjective(LaplaceObjective):
         (the nats its log joint lies below the mode, to second order) is at most this; the
         evidence is then within about this many nats of the Laplace evidence at the mode.
 
+    Notes
+    -----
     Each call returns its :class:`~hierbayes.inference.core.mode_report.ModeReport` in
     :class:`~hierbayes.inference.objectives.base.TaskLosses` (``fit`` keeps the last in
     ``FitResult.mode_report``), and warns when a task stopped above the tolerance or its

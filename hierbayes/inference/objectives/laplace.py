@@ -78,8 +78,8 @@ class LaplaceObjective(MetaObjective):
         Use :math:`\\tau I` as the prior's curvature instead of the model's prior precision.
     jacobian:
         How output Jacobians are formed: ``"auto"``, ``"layers"`` or ``"autograd"``.
-    hyperprior_space:
-        See :class:`~hierbayes.inference.objectives.base.MetaObjective`.
+    **options:
+        ``hyperprior_space``: see :class:`~hierbayes.inference.objectives.base.MetaObjective`.
     """
 
     default_data: CurvatureData = "support"

@@ -91,6 +91,8 @@ class FullBayesPosterior(SamplePosterior):
         ``global_diagnostics``: per global site ``{"rhat", "ess_bulk", "ess_tail"}``, each a
         tensor of the site's shape.
 
+    Notes
+    -----
     ``params`` holds the globals' posterior means (over ``fixed``): what code that needs one
     value of the globals reads; :meth:`predict` and the ArviZ bridge use the joint draws.
     """
