@@ -31,7 +31,21 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any],
     out = tmp_path_factory.mktemp("radon")
     printed = io.StringIO()
     with redirect_stdout(printed):
-        main(["radon", "--quick", "--seed", "0", "--out", str(out), "--no-progress"])
+        main(
+            [
+                "radon",
+                "--quick",
+                "--hyper-nodes",
+                "150",
+                "--target-accept",
+                "0.85",
+                "--seed",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
     return out, json.loads((out / "metrics.json").read_text()), printed.getvalue()
 
 
@@ -97,7 +111,11 @@ def test_metrics_have_the_promised_schema(run: tuple[Path, dict[str, Any], str])
     )
     assert nuts["draws"] == 2 * 30  # --quick: 2 chains x 30 draws
     assert metrics["diagnostics"]["empirical_bayes"]["converged"] is True
-    assert metrics["settings"]["hyper_nodes"] == metrics["diagnostics"]["hyper_laplace"]["nodes"]
+    # the options reach the methods
+    assert metrics["settings"]["hyper_nodes"] == 150
+    assert metrics["diagnostics"]["hyper_laplace"]["nodes"] == 150
+    assert nuts["settings"]["target_accept_prob"] == 0.85
+    assert (nuts["settings"]["num_warmup"], nuts["settings"]["num_chains"]) == (30, 2)
 
 
 def test_counties_follow_the_data_files_order(run: tuple[Path, dict[str, Any], str]) -> None:
@@ -203,5 +221,7 @@ def test_settings_are_checked_before_any_work() -> None:
         RadonConfig(num_chains=0)
     with pytest.raises(ValueError, match="hyper_nodes"):
         RadonConfig.quick(hyper_nodes=1)
+    with pytest.raises(ValueError, match="target_accept_prob"):
+        RadonConfig(target_accept_prob=1.0)
     with pytest.raises(ValueError, match="2 draws"):
         RadonConfig(num_samples=1, num_chains=1)

@@ -50,8 +50,11 @@ is. It excludes the county-level terms: a county's expected log radon in a basem
 ``DIR/forest.png``: every county's mean and 90 % interval by the three methods side by side,
 sorted by the empirical-Bayes mean.
 
-The defaults (NUTS 4 chains × (300 warm-up + 300 draws), 2,000 hyper-Laplace draws) take about
-four minutes on one core, nearly all of it NUTS; ``--quick`` about 20 seconds.
+The defaults (NUTS 4 chains × (300 warm-up + 300 draws), 2,000 hyper-Laplace draws) take 2 to
+3½ minutes on one core, nearly all of it NUTS; ``--quick`` about 15 seconds. The centred
+parametrisation's funnel (small :math:`\tau`) can stall a NUTS chain: the report says when
+NUTS is flagged, and ``--target-accept 0.95`` or longer runs are the remedy
+(:class:`~hierbayes.experiments.radon.config.RadonConfig`).
 
 Modules: :mod:`~hierbayes.experiments.radon.config` (the settings, the site of each
 hyperparameter), :mod:`~hierbayes.experiments.radon.summaries` (each method's numbers),
