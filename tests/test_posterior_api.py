@@ -81,3 +81,6 @@ def test_full_bayes_rhat_max_is_a_number_over_tasks_and_globals() -> None:
     )
     assert isinstance(posterior.rhat_max, float)
     assert posterior.rhat_max > 1.2 > float(posterior.rhat_max_per_task.max())
+    # the effective sample size too covers the globals: the stuck global has the fewest
+    assert posterior.ess_bulk_min == float(per_global["ess_bulk"].min())
+    assert posterior.ess_bulk_min < float(posterior.ess_bulk_min_per_task.min())

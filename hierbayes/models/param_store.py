@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import pyro
+import torch
 from pyro import poutine
 from pyro.nn import PyroModule
 from pyro.poutine.trace_struct import Trace
@@ -89,7 +90,10 @@ def module_param_sites(model: Any, *args: Any, **kwargs: Any) -> tuple[str, ...]
     """
     if not isinstance(model, PyroModule):
         return ()
-    with pyro.get_param_store().scope(), poutine.block():
+    # bookkeeping: the run's draws come from a forked generator, so the user's random stream
+    # (and with it a seeded run's trajectory) is where it was
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with pyro.get_param_store().scope(), poutine.block(), torch.random.fork_rng(devices=devices):
         trace = poutine.trace(model).get_trace(*args, **kwargs)
     return own_param_sites(model, trace)
 

@@ -171,6 +171,14 @@ class FullBayesPosterior(SamplePosterior):
         return _worst(torch.cat(values))
 
     @property
+    def ess_bulk_min(self) -> float:
+        r"""The smallest bulk effective sample size over every task's :math:`\phi` and every
+        global, a number; per task in :attr:`ess_bulk_min_per_task`."""
+        values = [self.ess_bulk_min_per_task.double().flatten()]
+        values += [d["ess_bulk"].double().flatten() for d in self.global_diagnostics.values()]
+        return float(torch.cat(values).min())
+
+    @property
     def converged(self) -> bool:
         """No task and no global site is flagged."""
         return not self.flagged and not self.globals_flagged
