@@ -9,6 +9,7 @@ plain Bernoulli program) and from the task sampler's, so a state saved mid-step 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,16 +19,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from pyro.poutine.runtime import am_i_wrapped
 
 from hierbayes.inference import FitResult, MetaTrainingInterrupted, fit
+from hierbayes.inference.training import loop as loop_module
 from tests.programs import family_program, family_tasks
 
 N = 8
 OPTIONS: dict[str, Any] = dict(
     method="llama",
     objective="predictive",
+    predictive="sampled",
     num_samples=4,
     meta_steps=N,
     meta_batch_size=3,
@@ -109,6 +115,45 @@ def test_a_sigint_inside_the_loss_rolls_the_step_back(tmp_path: Path) -> None:
     _same(resumed, _run())
 
 
+class _SignalOnEntry(pyro.plate):
+    """A data plate that gets a SIGINT once it has entered Pyro's handler stack, at its
+    ``at``-th entry: a real Ctrl-C lands at any bytecode, Pyro's own included."""
+
+    entries = 0
+    at = 0
+
+    def __enter__(self) -> Any:
+        entered = super().__enter__()
+        type(self).entries += 1
+        if type(self).entries == type(self).at:
+            signal.raise_signal(signal.SIGINT)
+        return entered
+
+
+def test_a_sigint_inside_pyros_own_code_leaves_pyro_clean(tmp_path: Path) -> None:
+    """A SIGINT raised as an exception inside a plate's ``__enter__`` leaves the plate on Pyro's
+    stack and its dimension taken (its ``__exit__`` never runs): every later run in the process
+    failed with "duplicate plate 'data'". The interrupt now waits for the step's computation."""
+
+    class Plate(_SignalOnEntry):
+        at = 30
+
+    def program(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 3.0).to_event(1))
+        with pyro.plate("tasks", x.shape[0], dim=-2):
+            phi = pyro.sample("phi", dist.Normal(theta, 1.0).to_event(1))
+            eta = x[..., 0] * phi[..., 0] + phi[..., 1]
+            with Plate("data", x.shape[1], dim=-1):
+                pyro.sample("y", dist.Bernoulli(logits=eta), obs=None if y is None else y[..., 0])
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(MetaTrainingInterrupted) as info:
+        fit(program, family_tasks("bernoulli", T=6), checkpoint=path, **OPTIONS)
+    assert 0 < len(info.value.result.history) < N
+    assert not am_i_wrapped()  # nothing of the interrupted run is left on Pyro's stack
+    _same(fit(program, family_tasks("bernoulli", T=6), resume=path, **OPTIONS), _run())
+
+
 def test_a_sigint_inside_the_schedule_waits_for_the_step(tmp_path: Path) -> None:
     def schedule(optimizer: torch.optim.Optimizer) -> Any:
         class Interrupted(torch.optim.lr_scheduler.StepLR):
@@ -126,84 +171,199 @@ def test_a_sigint_inside_the_schedule_waits_for_the_step(tmp_path: Path) -> None
     _same(resumed, _run(lr_scheduler=plain))
 
 
+class _InterruptAt:
+    """A ``callback`` that stops the run after meta-step ``at`` (its commit is done), by a
+    ``KeyboardInterrupt`` of its own or by a real SIGINT."""
+
+    def __init__(self, at: int, signal_it: bool) -> None:
+        self.at, self.signal_it = at, signal_it
+
+    def __call__(self, step: int, loss: float, result: FitResult) -> None:
+        if step != self.at:
+            return
+        if self.signal_it:
+            signal.raise_signal(signal.SIGINT)
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("signal_it", [False, True], ids=["raised", "signalled"])
+def test_a_ctrl_c_in_the_callback_keeps_the_step_it_follows(
+    tmp_path: Path, signal_it: bool
+) -> None:
+    path = tmp_path / "run.pt"
+    with pytest.raises(MetaTrainingInterrupted) as info:
+        _run(checkpoint=path, callback=_InterruptAt(3, signal_it))
+    assert len(info.value.result.history) == 4  # the callback runs after step 3 was taken
+    _same(_run(resume=path), _run())
+
+
+def test_a_sigint_inside_the_inner_loop_check_rolls_the_step_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of step 4 (check_every=2) runs after the step's batch was drawn."""
+    check = loop_module.check_inner_loop
+
+    def interrupting(guide: Any, batch: Any, step: int) -> None:
+        check(guide, batch, step)
+        if step == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(loop_module, "check_inner_loop", interrupting)
+    path = tmp_path / "run.pt"
+    with pytest.raises(MetaTrainingInterrupted) as info:
+        _run(checkpoint=path)
+    assert len(info.value.result.history) == 4
+    monkeypatch.setattr(loop_module, "check_inner_loop", check)
+    _same(_run(resume=path), _run())
+
+
+def test_a_second_ctrl_c_waits_for_the_interrupted_runs_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second SIGINT while the interrupted run is being saved does not cut the write (it used
+    to, and the run was saved a second time by the caller)."""
+    save = FitResult.save
+    writes: list[str] = []
+
+    def impatient(self: FitResult, path: str | os.PathLike[str]) -> Path:
+        writes.append(os.fspath(path))
+        if len(writes) == 1:
+            signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, as the write begins
+        return save(self, path)
+
+    monkeypatch.setattr(FitResult, "save", impatient)
+    path = tmp_path / "run.pt"
+    with pytest.raises(MetaTrainingInterrupted, match="saved at"):
+        _run(checkpoint=path, callback=_InterruptAt(2, signal_it=False))
+    assert writes == [str(path)]  # written once, whole
+    monkeypatch.setattr(FitResult, "save", save)
+    _same(_run(resume=path), _run())
+
+
+#: A training process: for each method, a straight run, then rounds that each train with a
+#: checkpoint until a SIGINT from the test lands, resume in a fresh model, and compare.
 _CHILD = textwrap.dedent(
     """
-    import sys, torch
+    import signal, sys, time, torch
     sys.path.insert(0, {root!r})
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     from hierbayes.inference import MetaTrainingInterrupted, fit
     from tests.programs import family_program, family_tasks
-    options = dict(method="llama", objective="predictive", num_samples=4, meta_steps={steps},
-                   meta_batch_size=3, step_size=0.1, check_every=2, progress=False)
-    path, mode = sys.argv[1], sys.argv[2]
+
+    def ignore(signum, frame):  # a SIGINT that comes after a round
+        pass
+
+    signal.signal(signal.SIGINT, ignore)
+    METHODS = {{
+        "llama": dict(method="llama", objective="predictive", predictive="sampled",
+                      num_samples=4),
+        "maml": dict(method="maml"),
+    }}
+    directory, rounds = sys.argv[1], int(sys.argv[2])
+
+    def run(method, **more):
+        return fit(family_program("bernoulli"), family_tasks("bernoulli", T=6),
+                   meta_steps={steps}, meta_batch_size=3, step_size=0.1, check_every=5,
+                   progress=False, **METHODS[method], **more)
+
+    def wait():
+        if not sys.stdin.readline():  # the test ended
+            raise SystemExit(0)
+
     def started(step, loss, result):
         if step == 0:
             print("started", flush=True)
-    try:
-        if mode == "resume":
-            result = fit(family_program("bernoulli"), family_tasks("bernoulli", T=6),
-                         resume=path, **options)
-        else:
-            result = fit(family_program("bernoulli"), family_tasks("bernoulli", T=6),
-                         checkpoint=path if mode == "checkpoint" else None, callback=started,
-                         **options)
-        torch.save({{"history": result.history, "params": result.params}}, path + ".out")
-        print("done", len(result.history), flush=True)
-    except MetaTrainingInterrupted as err:
-        print("interrupted", len(err.result.history), flush=True)
+
+    def clocked(step, loss, result):
+        if step == 0:
+            begun.append(time.perf_counter())
+
+    begun = []
+
+    for method in METHODS:
+        wait()  # the signal of the last round has been handled
+        straight = run(method, callback=clocked)
+        print("straight", time.perf_counter() - begun[-1], flush=True)  # after step 0
+        for round_ in range(rounds):
+            wait()  # the test is ready to send the signal
+            path = f"{{directory}}/{{method}}{{round_}}.pt"
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own
+            try:
+                try:
+                    run(method, checkpoint=path, checkpoint_every=7, callback=started)
+                finally:
+                    signal.signal(signal.SIGINT, ignore)
+            except MetaTrainingInterrupted as err:
+                print("interrupted", len(err.result.history), flush=True)
+            except KeyboardInterrupt:  # after the run returned
+                print("done", flush=True)
+                continue
+            else:
+                print("done", flush=True)
+                continue
+            resumed = run(method, resume=path)
+            bad = [name for name, value in straight.params.items()
+                   if not torch.equal(value, resumed.params[name])]
+            if resumed.history != straight.history:
+                bad.append("history")
+            print("same" if not bad else "different: " + ", ".join(bad), flush=True)
+    wait()  # (as above)
     """
 )
 
 
-def _child(tmp_path: Path, steps: int) -> Path:
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD.format(root=str(Path(__file__).resolve().parents[1]), steps=steps))
-    return script
-
-
-def _python(script: Path, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(
-        [sys.executable, str(script), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def _finish(process: subprocess.Popen[str]) -> str:
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    return out
-
-
 def test_real_ctrl_c_at_random_moments_then_resume_equals_a_straight_run(tmp_path: Path) -> None:
-    """A separate process trains with a checkpoint and gets a real SIGINT (os.kill) at a
-    different moment each round; each is resumed to the end in a new process and compared with
-    a straight run bit for bit."""
-    steps = 150
-    script = _child(tmp_path, steps)
-    straight = tmp_path / "straight.pt"
-    _finish(_python(script, str(straight), "plain"))
-    reference = torch.load(str(straight) + ".out", weights_only=True)
-    interrupted = 0
-    for round_, delay in enumerate((0.0, 0.05, 0.13, 0.31)):
-        path = tmp_path / f"run{round_}.pt"
-        child = _python(script, str(path), "checkpoint")
+    """A training process gets a real SIGINT (os.kill) at a random moment of each round, for
+    LLAMA's sampled predictive (torch's global generator draws at every step) and for MAML; each
+    interrupted run is resumed in a fresh model and must equal the straight run bit for bit."""
+    rounds, steps = 3, 60
+    script = tmp_path / "child.py"
+    root = str(Path(__file__).resolve().parents[1])
+    script.write_text(_CHILD.format(root=root, steps=steps))
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), str(rounds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        )
+    moments = random.Random(19)
+    outcomes: list[str] = []
+
+    def say(text: str) -> None:
+        assert child.stdin is not None
+        child.stdin.write(text + "\n")
+        child.stdin.flush()
+
+    def hear() -> str:
         assert child.stdout is not None
-        assert child.stdout.readline().strip() == "started"
-        time.sleep(delay)
-        os.kill(child.pid, signal.SIGINT)
-        out = _finish(child)
-        if out.startswith("done"):  # finished before the signal: nothing to resume
-            continue
-        assert out.startswith("interrupted"), out
-        interrupted += 1
-        _finish(_python(script, str(path), "resume"))
-        got = torch.load(str(path) + ".out", weights_only=True)
-        assert got["history"] == reference["history"], f"round {round_}"
-        for name, value in reference["params"].items():
-            assert torch.equal(got["params"][name], value), f"round {round_}: {name}"
-    assert interrupted >= 2  # the signal landed mid-run in most rounds
+        text = child.stdout.readline().strip()
+        if not text:
+            child.wait(timeout=60)
+            raise AssertionError(f"the training process stopped: {errors.read_text()[-3000:]}")
+        return text
+
+    try:
+        for method in ("llama", "maml"):
+            say("go")
+            kind, seconds = hear().split()
+            assert kind == "straight"
+            for round_ in range(rounds):
+                say("go")
+                assert hear() == "started"
+                time.sleep(moments.uniform(0.0, 0.8) * float(seconds))
+                os.kill(child.pid, signal.SIGINT)
+                outcome = hear()
+                outcomes.append(f"{method} {round_} ({seconds}s): {outcome}")
+                if outcome.startswith("interrupted"):
+                    assert hear() == "same", outcomes[-1]
+        say("end")
+    finally:
+        child.communicate(timeout=60)  # closes the pipes; the child ends on its stdin's end
+    assert child.returncode == 0, errors.read_text()[-3000:]
+    interrupted = [o for o in outcomes if "interrupted" in o]
+    assert len(interrupted) >= 3, outcomes  # most signals landed mid-run

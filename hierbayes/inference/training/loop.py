@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hierbayes.errors import NumericalError
+from hierbayes.inference.core.mode_report import ModeReport
 from hierbayes.inference.training.distributed import DistributedContext
 from hierbayes.inference.training.guards import check_inner_loop, check_jump
 from hierbayes.inference.training.interrupts import InterruptGuard, StepSnapshot
@@ -111,17 +112,21 @@ class TrainingRun:
         )
         snapshot: StepSnapshot | None = None
         committed = True
-        try:
-            with InterruptGuard() as guard:
+        with InterruptGuard() as guard:
+            try:
                 for step in bar:
+                    guard.poll()  # a Ctrl-C in the last callback: the run is at a boundary
                     snapshot, committed = StepSnapshot.take(self.generator), False
                     batch = self._sample()
                     if self.control.check_every and step % self.control.check_every == 0:
                         self._check_inner_loop(step, batch.to(self.device))
-                    value, grad_norm = self._step(step, *self._share(batch))
+                        guard.poll()
+                    value, grad_norm, mode = self._step(step, *self._share(batch))
+                    guard.poll()  # the last moment to drop the step rather than take it
                     with guard.critical():  # the step is taken whole or not at all
                         self._commit()
                         result.history.append(value)
+                        result.mode_report = mode
                         result.wall_time = time.perf_counter() - started
                         self._record(step, value, grad_norm)
                         committed = True
@@ -132,26 +137,29 @@ class TrainingRun:
                         bar.set_postfix(loss=f"{value:.4g}", refresh=False)
                     if callback is not None:
                         callback(step, value, result)
-        except KeyboardInterrupt as err:
-            if not committed and snapshot is not None:  # back to the boundary before the step
-                snapshot.restore(self.generator)
-                self.optimizer.zero_grad(set_to_none=True)
-            result.wall_time = time.perf_counter() - started
-            where = self._checkpoint()
-            raise MetaTrainingInterrupted(
-                f"meta-training was interrupted after {len(result.history)} meta-steps"
-                + (f"; the run is saved at {where}" if where else "")
-                + " (the exception's .result holds it).",
-                result,
-            ) from err
-        except MetaTrainingDiverged:
-            result.wall_time = time.perf_counter() - started
-            self._checkpoint()
-            raise
-        finally:
-            bar.close()
-        result.wall_time = time.perf_counter() - started
-        self._checkpoint()
+                with guard.critical():
+                    result.wall_time = time.perf_counter() - started
+                    self._checkpoint()
+            except KeyboardInterrupt as err:
+                with guard.shielded():  # a further Ctrl-C waits for the run to be saved
+                    if not committed and snapshot is not None:  # back to the step's start
+                        snapshot.restore(self.generator)
+                        self.optimizer.zero_grad(set_to_none=True)
+                    result.wall_time = time.perf_counter() - started
+                    where = self._checkpoint()
+                raise MetaTrainingInterrupted(
+                    f"meta-training was interrupted after {len(result.history)} meta-steps"
+                    + (f"; the run is saved at {where}" if where else "")
+                    + " (the exception's .result holds it).",
+                    result,
+                ) from err
+            except MetaTrainingDiverged:
+                with guard.shielded():
+                    result.wall_time = time.perf_counter() - started
+                    self._checkpoint()
+                raise
+            finally:
+                bar.close()
         if self.context is not None:
             self.context.synchronize()  # every rank returns once the final checkpoint is written
 
@@ -182,17 +190,20 @@ class TrainingRun:
         except NumericalError as err:
             raise MetaTrainingDiverged(f"{err} {_kept(step)}", self.result) from err
 
-    def _step(self, step: int, batch: TaskBatch, weight: float) -> tuple[float, float | None]:
+    def _step(
+        self, step: int, batch: TaskBatch, weight: float
+    ) -> tuple[float, float | None, ModeReport | None]:
         """The loss and the meta-gradient of ``batch`` (this rank's share of the meta-batch,
-        whose weight in the mean over the meta-batch's tasks is ``weight``), checked and clipped;
-        :meth:`_commit` then takes the step."""
+        whose weight in the mean over the meta-batch's tasks is ``weight``), checked and clipped,
+        with the gradient norm before clipping and the objective's mode report; :meth:`_commit`
+        then takes the step."""
         result = self.result
         self.optimizer.zero_grad(set_to_none=True)
         loss: Tensor | None = None
+        mode: ModeReport | None = None
         try:
             evaluated = result.objective.evaluate(result.guide, batch)
-            loss = evaluated.loss
-            result.mode_report = evaluated.mode
+            loss, mode = evaluated.loss, evaluated.mode
             value = float(loss.detach())
             cause: NumericalError | None = None
         except NumericalError as err:
@@ -231,7 +242,7 @@ class TrainingRun:
             grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(self.parameters, self.control.clip_grad_norm)
             )
-        return value, grad_norm
+        return value, grad_norm, mode
 
     def _commit(self) -> None:
         """The optimiser's and the schedule's step (inside the loop's critical section)."""
