@@ -9,7 +9,13 @@ loop a Pyro guide, and adds Laplace evidence corrections and Gaussian task poste
 """
 
 from hierbayes import inference, models, tasks
-from hierbayes.errors import HierbayesError, ModelContractError, NumericalError, TaskDataError
+from hierbayes.errors import (
+    HierbayesError,
+    ModelContractError,
+    NumericalError,
+    TaskDataError,
+    UnconvergedWarning,
+)
 from hierbayes.inference.training.fit import fit
 from hierbayes.inference.training.load import load
 from hierbayes.tasks import SinusoidTasks, TaskBatch, TaskCollection
@@ -24,6 +30,7 @@ __all__ = [
     "TaskBatch",
     "TaskCollection",
     "TaskDataError",
+    "UnconvergedWarning",
     "__version__",
     "fit",
     "inference",
