@@ -38,7 +38,6 @@ from hierbayes.inference.objectives.base import MetaObjective, ReplayedModel, Ta
 from hierbayes.inference.posteriors.base import TaskPosterior
 from hierbayes.inference.posteriors.laplace import laplace_posterior
 from hierbayes.models.density import (
-    Capabilities,
     PyroTaskDensity,
     TaskDensity,
     capabilities,
@@ -177,10 +176,6 @@ class LaplaceObjective(MetaObjective):
         )
 
 
-def _capabilities(density: TaskDensity) -> Capabilities:
-    return capabilities(density)
-
-
 class LaplacePenaltyObjective(LaplaceObjective):
     r"""The paper's LLAMA loss: query NLL plus :math:`\eta\log\det\hat H_j` (query curvature)."""
 
@@ -224,7 +219,7 @@ class LaplacePenaltyObjective(LaplaceObjective):
                 curvature=self.curvature_for(density),
                 curvature_data=self.curvature_data,
                 jacobian=self.jacobian,
-                capabilities=_capabilities(density),
+                capabilities=capabilities(density),
             )
         )
 
@@ -250,7 +245,7 @@ class LaplacePenaltyObjective(LaplaceObjective):
             curvature=self.curvature_for(density),
             curvature_data=self.curvature_data,
             jacobian=self.jacobian,
-            capabilities=_capabilities(density),
+            capabilities=capabilities(density),
             likelihood=False,
         )
         return nll + penalty * replayed.scale
