@@ -183,18 +183,45 @@ class _InterruptAt:
             return
         if self.signal_it:
             signal.raise_signal(signal.SIGINT)
-        raise KeyboardInterrupt
+        else:
+            raise KeyboardInterrupt
 
 
+@pytest.mark.parametrize("at", [3, N - 1], ids=["mid-run", "last step"])
 @pytest.mark.parametrize("signal_it", [False, True], ids=["raised", "signalled"])
 def test_a_ctrl_c_in_the_callback_keeps_the_step_it_follows(
-    tmp_path: Path, signal_it: bool
+    tmp_path: Path, signal_it: bool, at: int
 ) -> None:
     path = tmp_path / "run.pt"
     with pytest.raises(MetaTrainingInterrupted) as info:
-        _run(checkpoint=path, callback=_InterruptAt(3, signal_it))
-    assert len(info.value.result.history) == 4  # the callback runs after step 3 was taken
+        _run(checkpoint=path, callback=_InterruptAt(at, signal_it))
+    assert len(info.value.result.history) == at + 1  # the callback runs after the step
+    assert len(torch.load(path, weights_only=True)["history"]) == at + 1
     _same(_run(resume=path), _run())
+
+
+def test_a_second_ctrl_c_while_the_first_waits_raises_at_once(tmp_path: Path) -> None:
+    """The first SIGINT inside the loss waits for the step's computation to end; a second one
+    (the user insists) is raised where it lands; both leave the run at the step's start."""
+    calls = [0]
+    program = family_program("bernoulli")
+    ran_on: list[str] = []
+
+    def interrupting(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        calls[0] += 1
+        if calls[0] == 30:
+            signal.raise_signal(signal.SIGINT)
+            ran_on.append("after the first")
+            signal.raise_signal(signal.SIGINT)
+            ran_on.append("after the second")
+        program(x, y)
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(MetaTrainingInterrupted) as info:
+        fit(interrupting, family_tasks("bernoulli", T=6), checkpoint=path, **OPTIONS)
+    assert ran_on == ["after the first"]
+    assert 0 < len(info.value.result.history) < N
+    _same(fit(program, family_tasks("bernoulli", T=6), resume=path, **OPTIONS), _run())
 
 
 def test_a_sigint_inside_the_inner_loop_check_rolls_the_step_back(

@@ -114,3 +114,34 @@ def test_an_ignore_filter_is_respected() -> None:
         )
     assert not [w for w in caught if issubclass(w.category, StepWarning)]
     assert torch.isfinite(torch.tensor(objective.calls[0]))
+
+
+def _too_large_a_step(meta_steps: int) -> None:
+    """A run whose inner-loop check (hierbayes's code) warns at every step."""
+    fit(
+        BayesianLinearRegression(1, noise_scale=0.1),
+        regression_batch(T=6, N=8),
+        step_size=0.04,
+        meta_steps=meta_steps,
+        check_every=1,
+        progress=False,
+    )
+
+
+def test_a_module_filter_applies_as_it_does_where_the_warning_was_raised() -> None:
+    """A filter on the module (``-W ignore::InnerLoopWarning:hierbayes``) drops the warning and
+    its count: both are issued from the module that raised the warning, not from a file path or
+    from the caller of fit."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _too_large_a_step(4)
+    said = [w for w in caught if issubclass(w.category, InnerLoopWarning)]
+    assert len(said) == 2  # the first, and the count of 4
+    assert "[4 times in this run" in str(said[1].message)
+    assert said[0].filename == said[1].filename  # both where the inner-loop check warned
+    assert said[0].lineno == said[1].lineno
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=InnerLoopWarning, module=r"hierbayes\.")
+        _too_large_a_step(4)
+    assert not [w for w in caught if issubclass(w.category, InnerLoopWarning)]

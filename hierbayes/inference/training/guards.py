@@ -1,7 +1,8 @@
 r"""Numerical guards of meta-training: warnings once with a count, and errors before garbage.
 
-* :class:`WarningTally` collects the warnings a run raises and re-issues each distinct one once,
-  with how often it fired (a warning repeated at every meta-step says nothing new);
+* :func:`warning_tally` issues each distinct warning of a run when it first happens, through
+  the caller's filters, and each repeated one once more with how often it fired when the run
+  ends or raises (a warning repeated at every meta-step says nothing new);
 * :func:`check_inner_loop` compares each task's support log likelihood before and after the
   inner loop: a step size too large for the model raises it on most tasks (a warning naming
   ``step_size``), or by orders of magnitude (an error: training on would fit garbage);
@@ -16,9 +17,11 @@ from __future__ import annotations
 import math
 import re
 import statistics
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,28 +50,71 @@ class InnerLoopWarning(UserWarning):
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\b(?:nan|inf)\b")
 
 
+@dataclass
+class _Seen:
+    """A distinct warning: its first message, where it was raised, and how often it fired."""
+
+    message: str
+    filename: str
+    lineno: int
+    module: str | None
+    count: int = 0
+
+
 class WarningTally:
     """Distinct warnings (by category and message, numbers aside) with how often each fired;
-    the first message of each is kept."""
+    the first message of each, and where it was raised, are kept."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[type[Warning], str], int] = {}
-        self.first: dict[tuple[type[Warning], str], str] = {}
+        self.seen: dict[tuple[type[Warning], str], _Seen] = {}
 
-    def add(self, message: Warning | str, category: type[Warning]) -> bool:
-        """Count one warning; ``True`` when it is the first of its kind."""
+    def add(
+        self, message: Warning | str, category: type[Warning], filename: str = "", lineno: int = 0
+    ) -> _Seen | None:
+        """Count one warning; its record when it is the first of its kind, else ``None``."""
         text = str(message)
         key = (category, _NUMBER.sub("#", text))
-        first = key not in self.counts
-        if first:
-            self.counts[key] = 0
-            self.first[key] = text
-        self.counts[key] += 1
-        return first
+        seen = self.seen.get(key)
+        if seen is not None:
+            seen.count += 1
+            return None
+        seen = self.seen[key] = _Seen(text, filename, lineno, _module_of(filename), count=1)
+        return seen
+
+    @property
+    def counts(self) -> dict[tuple[type[Warning], str], int]:
+        """How often each distinct warning fired."""
+        return {key: seen.count for key, seen in self.seen.items()}
 
     def repeated(self) -> list[tuple[type[Warning], str, int]]:
         """``(category, first message, count)`` of each warning that fired more than once."""
-        return [(key[0], self.first[key], n) for key, n in self.counts.items() if n > 1]
+        return [(key[0], s.message, s.count) for key, s in self.seen.items() if s.count > 1]
+
+    def issue_counts(self) -> None:
+        """Issue, for each warning that fired more than once, one more with its count, where
+        the first was raised (so a filter on its module or line treats it alike)."""
+        for (category, _), seen in self.seen.items():
+            if seen.count > 1:
+                warnings.warn_explicit(
+                    f"{seen.message} [{seen.count} times in this run; the first was shown when "
+                    "it happened]",
+                    category,
+                    seen.filename,
+                    seen.lineno,
+                    module=seen.module,
+                    registry={},
+                )
+
+
+def _module_of(filename: str) -> str | None:
+    """The name of the imported module whose file is ``filename`` (what a filter's ``module``
+    matches, as for the warning where it was raised); ``None`` when there is none."""
+    if not filename:
+        return None
+    for name, module in list(sys.modules.items()):
+        if getattr(module, "__file__", None) == filename:
+            return name
+    return None
 
 
 def _reissue_through(
@@ -78,21 +124,23 @@ def _reissue_through(
     category: type[Warning],
     filename: str,
     lineno: int,
+    module: str | None,
 ) -> None:
-    """Issue a warning at its own location through the caller's filters and display hook
-    (``error`` raises it here and now; ``ignore`` drops it; pytest's recorder records it)."""
+    """Issue a warning at its own location (file, line and module) through the caller's filters
+    and display hook (``error`` raises it here and now; ``ignore`` drops it; pytest's recorder
+    records it)."""
     with warnings.catch_warnings():
         warnings.resetwarnings()
-        for action, text, kind, module, line in reversed(filters):
+        for action, text, kind, pattern, line in reversed(filters):
             warnings.filterwarnings(
                 action,
                 message=_pattern(text),
                 category=kind,
-                module=_pattern(module),
+                module=_pattern(pattern),
                 lineno=line,
             )
         warnings.showwarning = show
-        warnings.warn_explicit(message, category, filename, lineno, registry={})
+        warnings.warn_explicit(message, category, filename, lineno, module=module, registry={})
 
 
 def _pattern(value: Any) -> str:
@@ -103,11 +151,11 @@ def _pattern(value: Any) -> str:
 
 
 @contextmanager
-def warning_tally(stacklevel: int = 4) -> Iterator[WarningTally]:
+def warning_tally() -> Iterator[WarningTally]:
     """Issue each distinct warning raised inside **when it happens**, through the caller's own
-    filters (so an ``error`` filter stops the run at that moment, and nothing waits for the end
-    of the run); count the repeats, and on leaving (normally or by an exception) say once for
-    each repeated warning how often it fired."""
+    filters and where it was raised (so an ``error`` filter stops the run at that moment, and
+    nothing waits for the end of the run); count the repeats, and on leaving (normally or by an
+    exception) say once for each repeated warning how often it fired."""
     tally = WarningTally()
     outer_filters = list(warnings.filters)
     outer_show = warnings.showwarning
@@ -120,8 +168,11 @@ def warning_tally(stacklevel: int = 4) -> Iterator[WarningTally]:
         file: Any = None,
         line: str | None = None,
     ) -> None:
-        if tally.add(message, category):
-            _reissue_through(outer_filters, outer_show, message, category, filename, lineno)
+        first = tally.add(message, category, filename, lineno)
+        if first is not None:
+            _reissue_through(
+                outer_filters, outer_show, message, category, filename, lineno, first.module
+            )
 
     try:
         with warnings.catch_warnings():
@@ -129,12 +180,7 @@ def warning_tally(stacklevel: int = 4) -> Iterator[WarningTally]:
             warnings.showwarning = show
             yield tally
     finally:  # with the caller's filters again, whether the run ended or raised
-        for category, message, count in tally.repeated():
-            warnings.warn(
-                f"{message} [{count} times in this run; the first was shown when it happened]",
-                category,
-                stacklevel=stacklevel,
-            )
+        tally.issue_counts()
 
 
 #: How many times worse (in support negative log likelihood) adaptation may leave a task
