@@ -25,6 +25,7 @@ import pytest
 import torch
 from pyro.poutine.runtime import am_i_wrapped
 
+from hierbayes.errors import UnconvergedWarning
 from hierbayes.inference import FitResult, MetaTrainingInterrupted, fit
 from hierbayes.inference.training import loop as loop_module
 from tests.programs import family_program, family_tasks
@@ -265,6 +266,45 @@ def test_a_second_ctrl_c_waits_for_the_interrupted_runs_write(
     assert writes == [str(path)]  # written once, whole
     monkeypatch.setattr(FitResult, "save", save)
     _same(_run(resume=path), _run())
+
+
+def test_a_sigint_in_a_full_batch_lbfgs_run_stops_between_iterations(tmp_path: Path) -> None:
+    """The L-BFGS path (full_batch=True) takes the same guard: a SIGINT inside the model stops
+    the run between iterations, Pyro's stack is clean, and resuming equals resuming a run that
+    stopped at that iteration by itself."""
+    program = family_program("normal")
+    options: dict[str, Any] = dict(method="maml", full_batch=True, progress=False)
+    calls = [0]
+
+    def interrupting(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        calls[0] += 1
+        if calls[0] == 12:
+            signal.raise_signal(signal.SIGINT)
+        program(x, y)
+
+    with pytest.raises(MetaTrainingInterrupted) as info:
+        fit(
+            interrupting,
+            family_tasks("normal", T=6),
+            meta_steps=10,
+            checkpoint=tmp_path / "interrupted.pt",
+            **options,
+        )
+    done = len(info.value.result.history)
+    assert 0 < done < 5 and not am_i_wrapped()
+    with pytest.warns(UnconvergedWarning):  # it stopped at meta_steps, as it was told
+        fit(
+            program,
+            family_tasks("normal", T=6),
+            meta_steps=done,
+            checkpoint=tmp_path / "s.pt",
+            **options,
+        )
+    a, b = (
+        fit(program, family_tasks("normal", T=6), meta_steps=10, resume=tmp_path / name, **options)
+        for name in ("interrupted.pt", "s.pt")
+    )
+    _same(a, b)
 
 
 #: A training process: for each method, a straight run, then rounds that each train with a
