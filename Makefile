@@ -55,5 +55,26 @@ bench-demo: $(STAMP)
 bench-report: $(STAMP)
 	$(BIN)/python benchmarks/report.py
 
+# The documentation site (mkdocs-material, mkdocstrings, mkdocs-gallery) into site/: the docs
+# extra installed into .venv beside the development environment, then a strict build (a broken
+# link, an unresolved cross-reference or a failing tutorial fails it). Tutorials run in fast
+# mode unless HIERBAYES_DOCS_FAST=0 (`make docs-full`: the full configurations; reruns every
+# tutorial). Open site/index.html, or serve it with `$(BIN)/mkdocs serve`.
+DOCS_STAMP := $(VENV)/.hierbayes-docs-installed
+HIERBAYES_DOCS_FAST ?= 1
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,docs]"
+	touch $(DOCS_STAMP)
+
+.PHONY: docs docs-full
+docs: $(DOCS_STAMP)
+	HIERBAYES_DOCS_FAST=$(HIERBAYES_DOCS_FAST) OMP_NUM_THREADS=1 NO_MKDOCS_2_WARNING=1 \
+		$(BIN)/mkdocs build --strict
+
+docs-full: $(DOCS_STAMP)
+	rm -rf docs/generated
+	$(MAKE) docs HIERBAYES_DOCS_FAST=0
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
