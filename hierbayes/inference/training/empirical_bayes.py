@@ -228,6 +228,7 @@ def run_full_batch(
     with InterruptGuard() as guard:
         while True:
             loss = closure()
+            guard.poll()  # a Ctrl-C during the evaluation stops before the next iteration
             loss_value = float(loss)
             grad_norm = gradient_norm(parameters)
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
