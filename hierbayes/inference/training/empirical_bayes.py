@@ -187,7 +187,9 @@ def run_full_batch(
         raise RuntimeError("the result has no training state")
     optimizer = state.optimizer
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    batch = source.sample(source.num_tasks, generator=state.generator, dtype=dtype).to(device)
+    # every task, in one fixed order (not a draw of the run's sampler: a resumed run would
+    # draw another order, and sums in another order round differently)
+    batch = all_tasks(source, dtype, device)
     guide, objective = result.guide, result.objective
     evaluations = 0
     fresh: list[Tensor] = []  # the loss just evaluated at the current point, gradients in .grad
