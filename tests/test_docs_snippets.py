@@ -119,14 +119,14 @@ def output_matches(expected: str, printed: str) -> bool:
 
 def _capped_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
     def capped(*args: Any, **options: Any) -> Any:
-        options["meta_steps"] = min(options.get("meta_steps", STEPS), STEPS)
+        if "meta_steps" in options:
+            options["meta_steps"] = min(options["meta_steps"], STEPS)
         run = options.get("run")
         if isinstance(run, RunConfig):
             fields: dict[str, Any] = {"meta_steps": min(run.meta_steps, STEPS)}
             if run.checkpoint_every is not None:
                 fields["checkpoint_every"] = 1
             options["run"] = dataclasses.replace(run, **fields)
-            options.pop("meta_steps")
         return fit(*args, **options)
 
     return capped

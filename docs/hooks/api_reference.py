@@ -140,11 +140,21 @@ def linkable_roots() -> tuple[set[str], set[str]]:
     return exact, prefixes
 
 
+#: Pages of the repository's root shown on the site as they are (what was measured, and where
+#: each piece of mathematics lives), so the guide links to the figures it quotes.
+ROOT_PAGES = (("BENCHMARKS.md", "benchmarks.md"), ("ARCHITECTURE.md", "architecture.md"))
+
+
 def on_files(files: Any, config: Any) -> Any:
-    """Add the reference's generated pages to the site's files (mkdocs hook)."""
+    """Add the reference's generated pages and the root's pages to the site (mkdocs hook)."""
+    from pathlib import Path
+
     from mkdocs.structure.files import File
 
     pages = build_pages()
     for page in pages:
         files.append(File.generated(config, page.path, content=_page_markdown(page, pages)))
+    root = Path(config["config_file_path"]).parent
+    for source, target in ROOT_PAGES:
+        files.append(File.generated(config, target, content=(root / source).read_text()))
     return files
